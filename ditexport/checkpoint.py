@@ -1,0 +1,155 @@
+"""Loading DiT weights: official flat `.pt` files, `train.py` checkpoints and safetensors.
+
+Pickled files are read with `torch.load(weights_only=True)` only; the config is inferred from tensor
+shapes when the caller does not name one.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .errors import DitexportError
+from .model import DIT_CONFIGS, DiT, DiTConfig, get_config
+
+
+class CheckpointError(DitexportError, ValueError):
+    """A checkpoint that cannot be read, or that does not fit the model."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors of a checkpoint file and any metadata it carries (e.g. a config in safetensors metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+        return tensors, metadata
+    try:
+        # train.py stores its argparse.Namespace beside the weights; that one plain container is allowed.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} needs arbitrary code to unpickle, which ditexport refuses; "
+                "save a plain state dict (torch.save(model.state_dict(), ...)) or a .safetensors file"
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    return _unwrap(obj, path), {}
+
+
+def _unwrap(obj, path) -> dict[str, torch.Tensor]:
+    """A flat state dict from an official file or a train.py dict (EMA preferred over the raw model)."""
+    if isinstance(obj, dict):
+        for key in ("ema", "model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        tensors = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise CheckpointError(f"{path} holds no DiT state dict (expected tensors, or an 'ema'/'model' entry)")
+
+
+def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> DiTConfig:
+    """The DiT config implied by tensor shapes; heads from the registry where depth and width identify it."""
+    try:
+        hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
+        num_patches = sd["pos_embed"].shape[1]
+        fc1_rows = sd["blocks.0.mlp.fc1.weight"].shape[0]
+        final_rows = sd["final_layer.linear.weight"].shape[0]
+        table_rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"not a DiT state dict: missing {e.args[0]!r}") from None
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    grid = round(num_patches ** 0.5)
+    out_channels = final_rows // (patch * patch)
+    # Every official model was trained with class dropout, so the table's last row is the null class.
+    cfg = DiTConfig(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
+                    depth=depth, num_heads=num_heads or 1, mlp_ratio=fc1_rows / hidden,
+                    class_dropout_prob=0.1, num_classes=table_rows - 1,
+                    learn_sigma=out_channels == 2 * in_channels)
+    if num_heads is None:
+        candidates = {c.num_heads for c in DIT_CONFIGS.values()
+                      if (c.depth, c.hidden_size, c.patch_size) == (depth, hidden, patch)}
+        if len(candidates) != 1:
+            raise CheckpointError(
+                f"cannot infer the number of heads of a DiT with depth {depth} and width {hidden}; "
+                "name its config (--config)"
+            )
+        cfg = replace(cfg, num_heads=candidates.pop())
+    return cfg
+
+
+def check_state_dict(model: DiT, sd: dict[str, torch.Tensor]) -> None:
+    """Raises one CheckpointError listing missing keys, unexpected keys and shape differences."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(sd)) if sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape differences", shapes)):
+            if items:
+                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+                parts.append(f"{title}: {shown}")
+        raise CheckpointError("checkpoint does not fit the model; " + "; ".join(parts))
+
+
+def load_checkpoint(path: str | Path, config: DiTConfig | str | None = None,
+                    image_size: int | None = None) -> DiT:
+    """A DiT in eval mode with the checkpoint's weights, loaded strictly."""
+    sd, metadata = read_state_dict(path)
+    if isinstance(config, str):
+        config = get_config(config, image_size=image_size)
+    elif config is None and "config" in metadata:
+        config = DiTConfig.from_dict(json.loads(metadata["config"]))
+    elif config is None:
+        config = infer_config(sd)
+    model = DiT.from_config(config)
+    check_state_dict(model, sd)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def load_model(model: str | None = None, checkpoint: str | Path | None = None, config: str | None = None,
+               image_size: int | None = None, seed: int = 0) -> tuple[DiT, str]:
+    """Resolves the CLI's model options to a DiT and a one-line description of where it came from.
+
+    `checkpoint` wins; otherwise `model` names a built-in model ("digits") or a registry config
+    ("DiT-S/2"), the latter with seeded random non-zero weights (for benchmarks and tests).
+    """
+    from .model import create_model
+    from .zoo import BUILTIN_MODELS, load_builtin
+
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint, config, image_size), f"checkpoint {checkpoint}"
+    name = model or "digits"
+    if name in BUILTIN_MODELS:
+        return load_builtin(name), f"built-in model {name!r}"
+    if name in DIT_CONFIGS:
+        return create_model(get_config(name, image_size=image_size), seed=seed), \
+            f"{name} with random weights (seed {seed})"
+    raise CheckpointError(f"unknown model {name!r}; choose a built-in model ({', '.join(BUILTIN_MODELS)}), "
+                          f"a config ({', '.join(DIT_CONFIGS)}) with random weights, or pass --checkpoint")
