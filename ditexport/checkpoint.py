@@ -49,7 +49,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{path} needs arbitrary code to unpickle, which ditexport refuses; "
                 "save a plain state dict (torch.save(model.state_dict(), ...)) or a .safetensors file"
