@@ -96,6 +96,49 @@ def cmd_info(args) -> int:
 
 # --------------------------------------------------------------------------------------------- sample
 
+def make_tensorrt_backend(args, model):
+    """`--backend tensorrt`: this machine's plan (and cond plan, if built) from the export directory."""
+    from .artifacts import default_export_dir
+    from .backends.tensorrt_backend import TensorRTBackend
+    from .build import export_for_backend
+    from .engine import EngineError, find_plan, tensorrt_unavailable_reason
+
+    reason = tensorrt_unavailable_reason(for_build=False)
+    if reason:
+        raise EngineError(f"the tensorrt backend is unavailable: {reason}")
+    export_dir = getattr(args, "export_dir", None) or default_export_dir(args.model, args.checkpoint)
+    export_dir, _ = export_for_backend(export_dir, model.config)  # validated, and made from this model
+    plan = find_plan(export_dir)
+    try:
+        cond_plan = find_plan(export_dir, stem="cond")
+    except EngineError:
+        cond_plan = None  # the conditioning-vector engine is optional
+    device = resolve_device("cuda" if args.device in ("cpu", "auto") else args.device)
+    return TensorRTBackend(plan, model.config, cond_plan_path=cond_plan, max_batch=args.max_batch, device=device)
+
+
+def make_onnxruntime_backend(args, model):
+    """`--backend onnxruntime`: the validated export of this model (--export-dir, or exports/<name>)."""
+    from .artifacts import default_export_dir, onnx_filename
+    from .backends.onnxruntime_backend import OnnxRuntimeBackend
+    from .build import export_for_backend
+
+    export_dir = getattr(args, "export_dir", None) or default_export_dir(args.model, args.checkpoint)
+    if not (Path(export_dir) / "manifest.json").is_file():
+        how = f"--checkpoint {args.checkpoint}" if args.checkpoint else f"--model {args.model or 'digits'}"
+        raise DitexportError(f"no ONNX export in {export_dir}; build it first with: "
+                             f"python -m ditexport build {how}")
+    export_dir, manifest = export_for_backend(export_dir, model.config)
+    precision = getattr(args, "precision", "fp32")
+    onnx_path = export_dir / onnx_filename("xty", precision)
+    if onnx_path.name not in manifest["files"]:
+        raise DitexportError(f"the export in {export_dir} has no {precision} graph; rebuild it with "
+                             f"--precision fp32,{precision}")
+    cond_path = export_dir / onnx_filename("cond", precision)
+    return OnnxRuntimeBackend(onnx_path, model.config, max_batch=args.max_batch,
+                              cond_path=cond_path if cond_path.name in manifest["files"] else None)
+
+
 def make_backend(args, model):
     """The backend named by --backend, for `sample` and `bench`."""
     import torch
@@ -105,7 +148,13 @@ def make_backend(args, model):
     if args.backend == "torch":
         device = resolve_device(args.device)
         dtype = torch.float16 if (args.precision == "fp16") else torch.float32
-        return TorchBackend(model, device=device, dtype=dtype, max_batch=args.max_batch)
+        return TorchBackend(model, device=device, dtype=dtype, max_batch=args.max_batch,
+                            cuda_graph=getattr(args, "cuda_graph", False),
+                            compile_mode=getattr(args, "torch_compile", None))
+    if args.backend == "tensorrt":
+        return make_tensorrt_backend(args, model)
+    if args.backend == "onnxruntime":
+        return make_onnxruntime_backend(args, model)
     raise DitexportError(f"backend {args.backend!r} is not available in this build")
 
 
@@ -135,6 +184,161 @@ def cmd_sample(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- demo
+
+def cmd_demo(args) -> int:
+    from .demo_app import DemoLimits, launch
+
+    limits = DemoLimits(max_steps=args.max_steps, max_images=args.max_images, max_guidance=args.max_guidance)
+    launch(host=args.host, port=args.port, share=args.share, exports_root=args.exports,
+           device=str(resolve_device(args.device)),
+           limits=limits, concurrency=args.concurrency, vae=args.vae, torch_threads=args.torch_threads)
+    return 0
+
+
+# --------------------------------------------------------------------------------------- train-digits
+
+def cmd_train_digits(args) -> int:
+    from .zoo.digits_train import DEFAULT_OUT, DigitsTrainConfig, save_weights, train_digits, training_summary
+
+    cfg = DigitsTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                            **({"lr": args.lr} if args.lr is not None else {}))
+    out = Path(args.out) if args.out else DEFAULT_OUT
+    print(f"training {cfg.model} on scikit-learn's digits: {cfg.steps} steps, batch {cfg.batch_size}, "
+          f"lr {cfg.lr}, EMA {cfg.ema_decay}, seed {cfg.seed}")
+    result = train_digits(cfg, progress=not args.quiet)
+    summary = training_summary(result)
+    path = save_weights(result.ema, out, summary)
+    print(f"trained in {result.seconds:.1f} s; mean loss of the last 100 steps {summary['final_loss_mean_last_100']}")
+    print(f"wrote {path} (EMA weights) and {path.with_name('config.json')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .backends import TorchBackend
+    from .checkpoint import load_model
+    from .zoo.digits_eval import evaluate_digits
+
+    model, source = load_model(args.model, args.checkpoint, args.config)
+    backend = TorchBackend(model, device=resolve_device(args.device))
+    unguided = "" if args.cfg_scale == 1 else " and without"
+    print(f"model: {source}; backend: {backend.describe()}; {args.num_per_class} digits per class, "
+          f"{args.steps} ddpm steps, with guidance {args.cfg_scale:g}{unguided}")
+    report = evaluate_digits(backend, num_per_class=args.num_per_class, num_steps=args.steps,
+                             guidance_scale=args.cfg_scale, seed=args.seed, progress=not args.quiet)
+    print(report.format())
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"model": source, **report.to_dict()}, indent=2) + "\n")
+        tmp.replace(path)
+        print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes must be comma-separated integers, got {text!r}") from None
+    if any(b < 2 or b % 2 for b in sizes):
+        raise argparse.ArgumentTypeError(f"guided batch sizes are even and at least 2 (2 rows per image), got {text!r}")
+    return sizes
+
+
+def cmd_bench(args) -> int:
+    from .bench import BENCH_BACKENDS, BenchSettings, format_table, run_bench, write_outputs
+    from .checkpoint import load_model
+
+    backends = None
+    if args.backends:
+        backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+        unknown = [b for b in backends if b not in BENCH_BACKENDS]
+        if unknown:
+            raise DitexportError(f"unknown bench backend(s) {', '.join(unknown)}; choose from "
+                                 f"{', '.join(BENCH_BACKENDS)}")
+    options = dict(device=args.device, backends=backends, compile_mode=args.compile_mode, out_dir=args.out,
+                   export_dir=args.export_dir, unguided=not args.no_unguided,
+                   builder_optimization_level=args.builder_optimization_level)
+    if args.batch_sizes is not None:
+        options["batch_sizes"] = args.batch_sizes
+    for name in ("warmup", "iters", "sample_steps"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    settings = BenchSettings.quick_settings(**options) if args.quick else BenchSettings(**options)
+    model, source = load_model(args.model, args.checkpoint, args.config, args.image_size)
+    print(f"bench: {source}; guided batches {list(settings.batch_sizes)}"
+          f"{' and 1 unguided' if settings.unguided else ''}; {settings.warmup} warm-up + {settings.iters} "
+          f"timed calls each{' (quick)' if settings.quick else ''}")
+    report = run_bench(model, source, settings)
+    from .artifacts import export_name
+
+    stem = f"bench-{export_name(args.model, args.checkpoint)}-{report['machine']['device']}"
+    json_path, png_path, plot_note = write_outputs(report, args.out, stem)
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else f" (plot skipped: {plot_note})"))
+    for item in report["skipped"]:
+        print(f"skipped {item['backend']}: {item['reason']}")
+    if report["end_to_end"]:
+        print("one guided image end to end (measured vs derived from the per-forward times):")
+        for e in report["end_to_end"]:
+            derived = f"{e['derived_s']:.3f} s" if e["derived_s"] is not None else "-"
+            print(f"  {e['backend']:<18} {e['steps']} steps: {e['measured_s']:.3f} s measured, {derived} derived")
+    where = report["machine"]["gpu"] or f"CPU ({report['machine']['cpu_threads']} torch threads)"
+    peak = report["matmul_fp16_tflops"]
+    print(f"\n{source} on {where}" + (f"; fp16 matmul {peak:.0f} TFLOP/s measured" if peak else ""))
+    print(format_table(report))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ export-vae
+
+def cmd_export_vae(args) -> int:
+    from .vae import export_vae, load_vae, vae_scale_factor
+
+    latent_size = args.latent_size
+    if latent_size is None:
+        factor = vae_scale_factor(load_vae(args.vae))
+        if args.image_size % factor:
+            raise DitexportError(f"--image-size {args.image_size} is not a multiple of the VAE's factor {factor}")
+        latent_size = args.image_size // factor
+    precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
+    report = export_vae(args.vae, args.out, latent_size=latent_size, precisions=precisions,
+                        max_batch_images=args.max_batch, opset=args.opset, engine=not args.no_engine,
+                        builder_optimization_level=args.builder_optimization_level)
+    return 0 if report["passed"] else 1
+
+
+# ------------------------------------------------------------------------------------- build, validate
+
+def cmd_build(args) -> int:
+    from .artifacts import default_export_dir
+    from .build import build_export, describe_source, parse_precisions
+    from .checkpoint import load_model
+
+    precisions = parse_precisions(args.precision)
+    model, source_text = load_model(args.model, args.checkpoint, args.config, args.image_size)
+    source = describe_source(args.model, args.checkpoint)
+    out = Path(args.out) if args.out else default_export_dir(args.model, args.checkpoint)
+    print(f"model: {source_text}")
+    return build_export(model, source, out, precisions=precisions, max_images=args.max_batch, opset=args.opset,
+                        force=args.force, sample_steps=args.sample_steps,
+                        model_name=args.model or (Path(args.checkpoint).name if args.checkpoint else "digits"))
+
+
+def cmd_validate(args) -> int:
+    from .artifacts import default_export_dir
+    from .build import revalidate
+
+    return revalidate(args.export_dir or default_export_dir(args.model), sample_steps=args.sample_steps)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,10 +360,136 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default: cpu)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16 needs CUDA or an fp16 export")
     p.add_argument("--max-batch", type=positive_int, default=None, help="split forwards above this batch")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="torch on CUDA: capture the forward in a CUDA graph per batch size and replay it")
+    p.add_argument("--torch-compile", default=None, metavar="MODE",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch: run torch.compile(model, mode=MODE) (opt-in; compiling takes a while)")
+    p.add_argument("--export-dir", default=None,
+                   help="export to run with --backend onnxruntime/tensorrt (default: exports/<model name>)")
     p.add_argument("--vae", default=None, help="local directory of a diffusers AutoencoderKL (latent models)")
     p.add_argument("--out", default="samples.png", help="output PNG (default: samples.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="serve the Gradio web demo", description="Serve the Gradio demo: the "
+                       "built-in digits model and every export under --exports, on the runtimes this machine has.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 serves the network)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port (default: 7860, or the next free one up to 7959)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--exports", default="exports", help="export root to offer models from (default: exports)")
+    p.add_argument("--device", default="cpu", help="torch device for the torch backend: cpu, cuda or auto")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory, for latent models")
+    p.add_argument("--max-steps", type=positive_int, default=1000, help="server limit on steps (default: 1000)")
+    p.add_argument("--max-images", type=positive_int, default=16, help="server limit on images (default: 16)")
+    p.add_argument("--max-guidance", type=float, default=20.0, help="server limit on guidance (default: 20)")
+    p.add_argument("--concurrency", type=positive_int, default=1,
+                   help="requests that run at once on each backend; others wait in the queue (default: 1)")
+    p.add_argument("--torch-threads", type=positive_int, default=None,
+                   help="CPU threads for torch and onnxruntime (default: 1 when every model is as small as the "
+                        "built-in one, else torch's choice)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-digits", help="retrain the built-in digits DiT",
+                       description="Train the built-in digits DiT on scikit-learn's bundled 8x8 digits with DiT's "
+                       "recipe (seeded, reproducible); writes EMA weights.safetensors and config.json.")
+    p.add_argument("--steps", type=positive_int, default=4000, help="optimiser steps (default: 4000)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per step (default: 64)")
+    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches, t, noise and dropout")
+    p.add_argument("--out", default=None, help="output directory (default: the package's ditexport/zoo/digits)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_digits)
+
+    p = sub.add_parser("eval", help="measure a digits model: class agreement and Fréchet distance",
+                       description="Sample N digits per class with and without guidance and score them against "
+                       "the real digits: the share a real-digit classifier assigns to the requested class, and "
+                       "a Fréchet distance in pixel space beside the real-vs-real floor.")
+    add_model_arguments(p)
+    p.add_argument("--num-per-class", type=positive_int, default=100, help="digits per class (default: 100)")
+    p.add_argument("--steps", type=positive_int, default=250, help="DDPM sampling steps (default: 250)")
+    p.add_argument("--cfg-scale", type=float, default=4.0,
+                   help="guidance scale; the unguided scale 1 is always measured beside it (default: 4.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default: cpu)")
+    p.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmark every backend this machine has",
+                       description="Time one model through every available backend side by side: ms per forward, "
+                       "images/s for 250- and 50-step sampling, % of the fp16 matmul rate (GPU) and the ratio to "
+                       "torch eager; writes JSON and a PNG plot and ends with a table.")
+    add_model_arguments(p)
+    p.add_argument("--backends", default=None,
+                   help="comma-separated subset of torch-eager, torch-cuda-graph, torch-compile, onnxruntime-fp32, "
+                        "onnxruntime-fp16, tensorrt (default: all; those this machine cannot run are skipped)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto, the GPU when there is one)")
+    p.add_argument("--batch-sizes", type=parse_batch_sizes, default=None,
+                   help="guided forward batch sizes, 2 rows per image (default: 2,8,32,64)")
+    p.add_argument("--no-unguided", action="store_true", help="skip the unguided batch-1 row")
+    p.add_argument("--quick", action="store_true",
+                   help="fast run: 2 warm-up + 5 timed calls, a 20-step end-to-end sample, a smaller matmul")
+    p.add_argument("--warmup", type=positive_int, default=None, help="untimed calls before timing (default: 5)")
+    p.add_argument("--iters", type=positive_int, default=None, help="timed calls per measurement (default: 30)")
+    p.add_argument("--sample-steps", type=positive_int, default=None,
+                   help="steps of the end-to-end guided sample (default: 250)")
+    p.add_argument("--compile-mode", default="reduce-overhead",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode of the torch-compile backend (default: reduce-overhead)")
+    p.add_argument("--builder-optimization-level", type=int, default=3, choices=range(0, 6),
+                   help="TensorRT builder optimization level for the bench engine (default: 3)")
+    p.add_argument("--export-dir", default=None,
+                   help="use the ONNX files and engine of this export (python -m ditexport build) "
+                        "instead of exporting into --out")
+    p.add_argument("--out", default="exports/bench", help="output directory (default: exports/bench)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export-vae", help="export the VAE decoder to ONNX (and an engine)",
+                       description="Export a diffusers AutoencoderKL decoder from a local directory to ONNX fp32/fp16 "
+                       "with a dynamic batch, validate it on ONNX Runtime against torch, and build a TensorRT engine "
+                       "where TensorRT and a GPU exist.")
+    p.add_argument("--vae", required=True, help="local directory of a diffusers AutoencoderKL")
+    p.add_argument("--out", default="exports/vae", help="output directory (default: exports/vae)")
+    p.add_argument("--image-size", type=int, default=256,
+                   help="image side the decoder produces; latent side = size / the VAE's factor (default: 256)")
+    p.add_argument("--latent-size", type=positive_int, default=None, help="latent side (overrides --image-size)")
+    p.add_argument("--precision", default="fp32,fp16", help="comma-separated: fp32, fp16 (default: both)")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="images per decode in the engine (default: 8)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
+    p.add_argument("--no-engine", action="store_true", help="skip the TensorRT engine")
+    p.add_argument("--builder-optimization-level", type=int, default=3, choices=range(0, 6),
+                   help="TensorRT builder optimization level (default: 3)")
+    p.set_defaults(func=cmd_export_vae)
+
+    p = sub.add_parser("build", help="export to ONNX, validate, and build engines",
+                       description="Export a DiT to ONNX (fp32 and fp16 graphs of (x, t, y) and of (x, c)), validate "
+                       "them on ONNX Runtime against torch fp32, and build TensorRT engines where TensorRT and a GPU "
+                       "exist. With no arguments: the built-in digits model into exports/digits. Skipped when the "
+                       "export is up to date.")
+    add_model_arguments(p)
+    p.add_argument("--out", default=None, help="export directory (default: exports/<model or checkpoint name>)")
+    p.add_argument("--precision", default="fp32,fp16",
+                   help="comma-separated graph precisions; fp32 is always built, as the reference (default: fp32,fp16)")
+    p.add_argument("--max-batch", type=positive_int, default=8,
+                   help="images per request the engine profile covers; guidance doubles the rows (default: 8)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default: 18; 23+ exports attention as the ONNX Attention op)")
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="steps of the sample-level parity check, 0 to skip (default: 50 for digits, else 10)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the export is up to date")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("validate", help="re-validate an existing export",
+                       description="Re-run the validation of an export against the model it was built from; "
+                       "writes report.json and ends with PASSED or FAILED.")
+    p.add_argument("--export-dir", default=None, help="export directory (default: exports/<--model>)")
+    p.add_argument("--model", default=None, help="model name, to find exports/<name> (default: digits)")
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="steps of the sample-level parity check, 0 to skip (default: 50 for digits, else 10)")
+    p.set_defaults(func=cmd_validate)
     return parser
 
 

@@ -10,4 +10,17 @@ from .torch_backend import TorchBackend
 
 BACKEND_NAMES = ("torch", "onnxruntime", "tensorrt")
 
-__all__ = ["Backend", "TorchBackend", "BACKEND_NAMES"]
+__all__ = ["Backend", "TorchBackend", "OnnxRuntimeBackend", "TensorRTBackend", "BACKEND_NAMES"]
+
+
+def __getattr__(name: str):
+    # onnxruntime is imported only when its backend is asked for, so the package imports without it.
+    if name == "OnnxRuntimeBackend":
+        from .onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend
+    if name == "TensorRTBackend":  # tensorrt itself is imported only when a plan is loaded
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

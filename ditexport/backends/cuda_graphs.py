@@ -1,0 +1,71 @@
+"""CUDA graphs: one captured forward per input shape, replayed with the inputs copied into static buffers.
+
+Shared by the torch CUDA path and the TensorRT backend. A replay launches the whole forward as one graph,
+so a sampling step costs the GPU work plus a few copies, with no host synchronisation.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def fresh_float32(t: torch.Tensor) -> torch.Tensor:
+    """A float32 copy that the next replay cannot overwrite (`.float()` alone aliases a float32 tensor)."""
+    return t.float() if t.dtype != torch.float32 else t.clone()
+
+
+class CapturedForward:
+    """`fn(*static_inputs) -> outputs` captured once for fixed shapes; calling it copies inputs in and replays.
+
+    Warm-up runs on a side stream, as CUDA graph capture requires (lazy initialisation such as cuBLAS
+    handles, TensorRT's first-enqueue set-up and autotuning must happen before capture). The returned
+    outputs are the graph's static buffers: callers copy them before the next call.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]], example_inputs: Sequence[torch.Tensor],
+                 warmup: int = 2, *, inputs_are_static: bool = False):
+        device = example_inputs[0].device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need CUDA tensors, got {device}")
+        # With inputs_are_static the caller's buffers (already holding valid values) are the graph's
+        # inputs, e.g. the buffers a TensorRT context is bound to; otherwise they are copied.
+        self.static_inputs = list(example_inputs) if inputs_are_static else \
+            [x.clone(memory_format=torch.contiguous_format) for x in example_inputs]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(*self.static_inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread (a demo's other request) using CUDA meanwhile must not void the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.static_outputs = fn(*self.static_inputs)
+
+    def __call__(self, *inputs: torch.Tensor):
+        for static, x in zip(self.static_inputs, inputs):
+            static.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.static_outputs
+
+
+class GraphCache:
+    """CapturedForwards keyed by (graph name, input shapes), captured on first use."""
+
+    def __init__(self, warmup: int = 2):
+        self.warmup = warmup
+        self._captured: dict[tuple, CapturedForward] = {}
+
+    def __call__(self, key: str, fn: Callable, *inputs: torch.Tensor):
+        cache_key = (key, *(tuple(x.shape) for x in inputs))
+        captured = self._captured.get(cache_key)
+        if captured is None:
+            captured = self._captured[cache_key] = CapturedForward(fn, inputs, self.warmup)
+        return captured(*inputs)
+
+    def __len__(self) -> int:
+        return len(self._captured)
+
+    def clear(self) -> None:
+        self._captured.clear()

@@ -1,0 +1,156 @@
+"""The ONNX Runtime backend: an exported graph on the CPU provider, or the CUDA provider with I/O binding."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DitexportError
+from ..model import DiTConfig
+from .base import Backend
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+# Chosen by measurement (docs/export.md): full graph optimisation is never slower than "basic"/"extended" on
+# these graphs, and one intra-op thread per core; ORT's transformer fusions did not help (see the docs).
+GRAPH_OPTIMIZATION = "all"
+
+
+class OnnxRuntimeError(DitexportError):
+    """An ONNX graph that ONNX Runtime cannot load or run (missing, corrupt, truncated, wrong model)."""
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise OnnxRuntimeError("the onnxruntime backend needs ONNX Runtime: pip install onnxruntime "
+                               "(or onnxruntime-gpu on a CUDA machine)") from None
+    return onnxruntime
+
+
+def default_providers() -> list[str]:
+    """CUDA (then CPU as fallback) where onnxruntime-gpu and a GPU exist, otherwise CPU."""
+    ort = _import_onnxruntime()
+    if CUDA in ort.get_available_providers() and torch.cuda.is_available():
+        return [CUDA, CPU]
+    return [CPU]
+
+
+def session_options(threads: int | None = None, optimization: str = GRAPH_OPTIMIZATION):
+    ort = _import_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.log_severity_level = 3  # errors only: ORT warns about every fp16 node it runs through a cast on the CPU
+    return options
+
+
+def load_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 optimization: str = GRAPH_OPTIMIZATION):
+    """An InferenceSession, or one OnnxRuntimeError naming the file for a missing, corrupt or truncated graph."""
+    ort = _import_onnxruntime()
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxRuntimeError(f"ONNX graph not found: {path}")
+    try:
+        return ort.InferenceSession(str(path), session_options(threads, optimization),
+                                    providers=providers or default_providers())
+    except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OnnxRuntimeError(f"cannot load ONNX graph {path} (corrupt, truncated or incomplete?): "
+                               f"{first_line}") from None
+
+
+def graph_metadata(session) -> dict[str, str]:
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+class OnnxRuntimeBackend(Backend):
+    """Runs an exported DiT graph; `cond_path` adds the conditioning-vector graph for `with_condition`.
+
+    Inputs and outputs are float32 torch tensors (t, y int64) on `self.device`: the CPU, or the GPU when the
+    CUDA provider runs the graph, in which case tensors are bound in place (I/O binding), with no host copy.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str | Path, config: DiTConfig, *, cond_path: str | Path | None = None,
+                 providers: list[str] | None = None, max_batch: int | None = None, threads: int | None = None,
+                 optimization: str = GRAPH_OPTIMIZATION):
+        self.onnx_path = Path(onnx_path)
+        self.session = load_session(self.onnx_path, providers, threads, optimization)
+        self.cond_session = load_session(cond_path, providers, threads, optimization) if cond_path else None
+        self.providers = self.session.get_providers()
+        on_gpu = self.providers[0] == CUDA
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        super().__init__(config, device, torch.float32, max_batch)
+        meta = graph_metadata(self.session)
+        self.precision = meta.get("ditexport.precision", "fp32")
+        self._check_graph(self.session, ("x", "t", "y"), self.onnx_path)
+        if self.cond_session is not None:
+            self._check_graph(self.cond_session, ("x", "c"), Path(cond_path))
+
+    def _check_graph(self, session, names: tuple[str, ...], path: Path) -> None:
+        """Fails early, with the file named, when a graph's inputs or shapes do not fit the config."""
+        inputs = {i.name: i for i in session.get_inputs()}
+        if tuple(inputs) != names or [o.name for o in session.get_outputs()] != ["out"]:
+            raise OnnxRuntimeError(f"{path} takes {tuple(inputs)} -> {[o.name for o in session.get_outputs()]}, "
+                                   f"expected {names} -> ['out']; is it a ditexport graph of this kind?")
+        cfg = self.config
+        expected = [cfg.in_channels, cfg.input_size, cfg.input_size]
+        if list(inputs["x"].shape[1:]) != expected:
+            raise OnnxRuntimeError(f"{path} takes x of shape {inputs['x'].shape}, but the model config "
+                                   f"needs (batch, {', '.join(map(str, expected))})")
+
+    # ------------------------------------------------------------------------------------- running
+
+    def _run(self, session, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return self._run_bound(session, feed)
+        arrays = {name: value.detach().cpu().numpy() for name, value in feed.items()}
+        (out,) = session.run(["out"], arrays)
+        return torch.from_numpy(out)
+
+    def _run_bound(self, session, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """CUDA provider: inputs and the output stay in torch-owned device memory (I/O binding)."""
+        x = feed["x"]
+        cfg = self.config
+        out = torch.empty((x.shape[0], cfg.out_channels, cfg.input_size, cfg.input_size), dtype=torch.float32,
+                          device=self.device)
+        binding = session.io_binding()
+        keep = []  # contiguous copies must outlive the run
+        for name, value in feed.items():
+            value = value.to(self.device).contiguous()
+            keep.append(value)
+            binding.bind_input(name, "cuda", self.device.index or 0,
+                               np.int64 if value.dtype == torch.int64 else np.float32,
+                               tuple(value.shape), value.data_ptr())
+        binding.bind_output("out", "cuda", self.device.index or 0, np.float32, tuple(out.shape), out.data_ptr())
+        # ORT runs on its own stream: the inputs written on torch's stream must be ready first.
+        torch.cuda.current_stream(self.device).synchronize()
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return out
+
+    def _forward(self, x, t, y):
+        return self._run(self.session, {"x": x.float(), "t": t.long(), "y": y.long()})
+
+    def _forward_with_condition(self, x, c):
+        if self.cond_session is None:
+            raise OnnxRuntimeError("this onnxruntime backend has no conditioning-vector graph; pass cond_path "
+                                   "(cond.onnx of the export)")
+        return self._run(self.cond_session, {"x": x.float(), "c": c.float()})
+
+    def describe(self) -> str:
+        provider = "CUDA" if self.device.type == "cuda" else "CPU"
+        return f"{self.name} ({self.precision}, {provider}, {self.onnx_path.name})"
+
+    def close(self) -> None:
+        self.session = self.cond_session = None

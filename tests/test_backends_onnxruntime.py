@@ -1,0 +1,80 @@
+"""OnnxRuntimeBackend: the Backend contract on an exported graph, and clear errors for bad graphs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditexport.backends import OnnxRuntimeBackend, TorchBackend
+from ditexport.backends.onnxruntime_backend import OnnxRuntimeError
+from ditexport.diffusion import SamplerConfig
+from ditexport.export import export_graphs
+from ditexport.model import create_model, get_config
+from ditexport.pipeline import Pipeline
+from ditexport.validate import graph_feed, relative_error
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = create_model("DiT-tiny/2", seed=11)
+    out = tmp_path_factory.mktemp("ort")
+    paths = export_graphs(model, out, precisions=("fp32",), log=lambda *_: None)
+    return model, paths[("xty", "fp32")], paths[("cond", "fp32")]
+
+
+def test_forward_and_with_condition_match_torch(exported):
+    model, xty, cond = exported
+    backend = OnnxRuntimeBackend(xty, model.config, cond_path=cond)
+    reference = TorchBackend(model)
+    assert backend.device == torch.device("cpu") and backend.precision == "fp32"
+    assert backend.providers == ["CPUExecutionProvider"]
+    feed = graph_feed(model, "xty", 3, seed=4)
+    out = backend(feed["x"], feed["t"], feed["y"])
+    assert out.dtype == torch.float32 and out.shape == (3, 8, 8, 8)
+    assert relative_error(out, reference(feed["x"], feed["t"], feed["y"]))[0] < 1e-5
+    with torch.no_grad():
+        c = model.embed_condition(feed["t"], feed["y"])
+    assert relative_error(backend.with_condition(feed["x"], c), out)[0] < 1e-6
+
+
+def test_batches_above_max_batch_are_split(exported):
+    model, xty, _ = exported
+    whole = OnnxRuntimeBackend(xty, model.config)
+    split = OnnxRuntimeBackend(xty, model.config, max_batch=2)
+    feed = graph_feed(model, "xty", 5, seed=9)
+    a = whole(feed["x"], feed["t"], feed["y"])
+    b = split(feed["x"], feed["t"], feed["y"])
+    assert b.shape[0] == 5 and relative_error(b, a)[0] < 1e-6
+
+
+def test_pipeline_samples_like_torch(exported):
+    model, xty, _ = exported
+    cfg = SamplerConfig(num_steps=5, guidance_scale=3.0)
+    ours = Pipeline(OnnxRuntimeBackend(xty, model.config))([1, 2], seed=3, sampler_cfg=cfg, progress=False)
+    ref = Pipeline(TorchBackend(model))([1, 2], seed=3, sampler_cfg=cfg, progress=False)
+    assert ours.backend == "onnxruntime"
+    assert relative_error(ours.images, ref.images)[0] < 1e-4
+
+
+def test_missing_corrupt_and_truncated_graphs_are_one_clear_error(exported, tmp_path):
+    model, xty, _ = exported
+    with pytest.raises(OnnxRuntimeError, match="not found"):
+        OnnxRuntimeBackend(tmp_path / "nope.onnx", model.config)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a protobuf" * 10)
+    with pytest.raises(OnnxRuntimeError, match="garbage.onnx.*corrupt"):
+        OnnxRuntimeBackend(garbage, model.config)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(xty.read_bytes()[: xty.stat().st_size // 2])
+    with pytest.raises(OnnxRuntimeError, match="truncated.onnx"):
+        OnnxRuntimeBackend(truncated, model.config)
+
+
+def test_graph_that_does_not_fit_the_config_or_lacks_cond(exported):
+    model, xty, cond = exported
+    with pytest.raises(OnnxRuntimeError, match="takes x of shape"):
+        OnnxRuntimeBackend(xty, get_config("DiT-digits"))
+    with pytest.raises(OnnxRuntimeError, match="expected"):
+        OnnxRuntimeBackend(cond, model.config)  # the cond graph where the (x, t, y) graph belongs
+    backend = OnnxRuntimeBackend(xty, model.config)
+    with pytest.raises(OnnxRuntimeError, match="cond_path"):
+        backend.with_condition(torch.zeros(1, 4, 8, 8), torch.zeros(1, 64))

@@ -1,0 +1,111 @@
+"""`python -m ditexport bench`: the FLOP count, the sampler-overhead measure and a quick CPU run end to end."""
+import json
+
+import pytest
+import torch
+
+from ditexport.bench import BenchSettings, dit_forward_flops, run_bench, sampler_step_ms
+from ditexport.cli import main
+from ditexport.engine import tensorrt_unavailable_reason
+from ditexport.model import create_model, get_config
+
+
+@pytest.mark.parametrize("name", ["DiT-tiny/2", "DiT-digits"])
+def test_flop_count_matches_torch_flop_counter(name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = create_model(name, seed=0)
+    cfg = model.config
+    x = torch.randn(3, cfg.in_channels, cfg.input_size, cfg.input_size)
+    # The math attention kernel is made of bmm's, which the counter sees (the fused CPU kernel it does not).
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, torch.tensor([1, 500, 999]), torch.tensor([0, 1, 2]))
+    assert dit_forward_flops(cfg, batch=3) == counter.get_total_flops()
+
+
+def test_flop_count_of_dit_xl_agrees_with_the_paper():
+    # DiT-XL/2 at 256 px: 118.6 Gflops in the paper (multiply-adds), so about 237 GFLOP counted as 2 per MAC;
+    # at 742 TFLOP/s that is the issue's 0.64 ms compute floor at batch 2.
+    flops = dit_forward_flops(get_config("DiT-XL/2"))
+    assert abs(flops / 2e9 - 118.6) / 118.6 < 0.005
+    assert abs(2 * flops / 742e12 * 1e3 - 0.64) < 0.01
+
+
+def test_sampler_overhead_is_measured_and_positive():
+    cfg = get_config("DiT-tiny/2")
+    ms = sampler_step_ms(cfg, 4, True, torch.device("cpu"), (3, 9))
+    assert 0 < ms < 50
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["bench", "--model", "DiT-tiny/2", "--quick", "--device", "cpu", "--batch-sizes", "2,8",
+                     "--out", str(out)])
+    return code, out, printed.getvalue()
+
+
+def test_quick_cpu_bench_writes_json_plot_and_ends_with_the_table(quick_run):
+    code, out, printed = quick_run
+    assert code == 0
+    report = json.loads((out / "bench-DiT-tiny-2-cpu.json").read_text())
+    assert (out / "bench-DiT-tiny-2-cpu.png").stat().st_size > 1000
+    backends = {r["backend"] for r in report["results"]}
+    assert {"torch-eager", "onnxruntime-fp32", "onnxruntime-fp16"} <= backends
+    for row in report["results"]:
+        assert row["ms_per_forward"] > 0 and row["iters"] == 5
+        assert (row["batch"], row["guided"]) in {(1, False), (2, True), (8, True)}
+        assert row["images_per_forward"] == (row["batch"] // 2 if row["guided"] else row["batch"])
+        assert row["images_per_s_50"] == pytest.approx(5 * row["images_per_s_250"])
+        assert row["pct_fp16_matmul_peak"] is None  # no GPU, no fp16 peak
+        assert row["speedup_vs_torch_eager"] > 0
+        if row["backend"] == "torch-eager":
+            assert row["speedup_vs_torch_eager"] == 1.0
+    assert all(v > 0 for v in report["sampler_ms_per_step"].values())
+    assert report["matmul_fp16_tflops"] is None and report["machine"]["device"] == "cpu"
+    assert report["model"]["gflops_per_image"] == pytest.approx(dit_forward_flops(get_config("DiT-tiny/2")) / 1e9)
+    skipped = {s["backend"]: s["reason"] for s in report["skipped"]}
+    assert "GPU" in skipped["torch-cuda-graph"] and "torch-compile" in skipped
+    if tensorrt_unavailable_reason() is not None:
+        assert skipped["tensorrt"]
+    e2e = {e["backend"]: e for e in report["end_to_end"]}
+    assert e2e["torch-eager"]["steps"] == 20 and e2e["torch-eager"]["measured_s"] > 0
+    assert e2e["torch-eager"]["derived_s"] > 0 and 0 < e2e["torch-eager"]["sampler_share"] < 1
+    # The table comes last: its header, then one line per result.
+    lines = printed.strip().splitlines()
+    assert lines[-len(report["results"]) - 1].startswith("backend")
+    assert lines[-1].split()[0] == report["results"][-1]["backend"]
+
+
+def test_second_run_reuses_the_exported_onnx(quick_run, capsys):
+    _, out, _ = quick_run
+    code = main(["bench", "--model", "DiT-tiny/2", "--quick", "--device", "cpu", "--batch-sizes", "2",
+                 "--no-unguided", "--backends", "onnxruntime-fp16", "--out", str(out)])
+    assert code == 0 and "found cached ONNX" in capsys.readouterr().out
+
+
+def test_bad_bench_options_are_one_line_errors(capsys, tmp_path):
+    assert main(["bench", "--model", "DiT-tiny/2", "--backends", "torch-eager,fastest", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: unknown bench backend(s) fastest; choose from torch-eager, "
+                                               "torch-cuda-graph, torch-compile, onnxruntime-fp32, onnxruntime-fp16, "
+                                               "tensorrt")
+    with pytest.raises(SystemExit):
+        main(["bench", "--batch-sizes", "3"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA: torch sees none")
+def test_quick_gpu_bench_reports_the_fp16_peak_share(tmp_path):
+    model = create_model("DiT-tiny/2", seed=0)
+    settings = BenchSettings.quick_settings(batch_sizes=(2, 8), backends=("torch-eager", "torch-cuda-graph"),
+                                            device="cuda", out_dir=str(tmp_path), matmul_size=2048)
+    report = run_bench(model, "DiT-tiny/2", settings, log=lambda m: None)
+    assert report["matmul_fp16_tflops"] > 1
+    graph_rows = [r for r in report["results"] if r["backend"] == "torch-cuda-graph"]
+    assert len(graph_rows) == 3 and all(0 < r["pct_fp16_matmul_peak"] < 100 for r in graph_rows)

@@ -1,0 +1,175 @@
+"""`python -m ditexport build` / `validate` / `sample --backend onnxruntime`: the whole chain, its skip and its errors."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from ditexport.artifacts import list_exports, read_manifest
+from ditexport.cli import main
+
+TINY = ["--model", "DiT-tiny/2", "--sample-steps", "3"]
+
+
+def build(capsys, *args) -> tuple[int, str, str]:
+    code = main(["build", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A complete tiny export, built once through the CLI."""
+    out = tmp_path_factory.mktemp("build") / "tiny"
+    start = time.perf_counter()
+    assert main(["build", *TINY, "--out", str(out), "--max-batch", "4"]) == 0
+    return out, time.perf_counter() - start
+
+
+def test_build_writes_a_validated_export_with_its_manifest(built):
+    out, _ = built
+    manifest = read_manifest(out)
+    assert set(manifest["files"]) == {"model.onnx", "model.fp16.onnx", "cond.onnx", "cond.fp16.onnx"}
+    assert manifest["config"]["hidden_size"] == 64 and manifest["model"] == "DiT-tiny/2"
+    assert manifest["source"] == {"kind": "random", "model": "DiT-tiny/2", "checkpoint": None, "seed": 0}
+    assert manifest["validation"]["passed"] is True
+    assert manifest["io_spec"]["batch_profile"] == {"min": 1, "opt": 8, "max": 8}
+    assert manifest["io_spec"]["opset"] == 18
+    assert manifest["tools"]["onnxruntime"] and manifest["tools"]["torch"]
+    assert manifest["engine"]["status"] == "skipped" and manifest["engine"]["reason"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True
+    assert {(c["file"], c["batch"]) for c in report["checks"]} == \
+        {(f, b) for f in manifest["files"] for b in (1, 2, 5)}
+    assert report["stress"]["passed"] and report["stress"]["all_fp16"]["finite"] is False
+    assert [s["file"] for s in report["samples"]] == ["model.onnx", "model.fp16.onnx"]
+    assert [e.path for e in list_exports(out.parent)] == [out]
+
+
+def test_second_build_is_up_to_date_and_force_rebuilds(built, capsys):
+    out, first_seconds = built
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    start = time.perf_counter()
+    code, text, _ = build(capsys, *TINY, "--out", str(out), "--max-batch", "4")
+    seconds = time.perf_counter() - start
+    assert code == 0 and "up to date" in text and "export:" not in text
+    assert seconds < first_seconds / 3
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    # Another input (the engine profile's max batch) is a different export: rebuilt, not skipped.
+    code, text, _ = build(capsys, *TINY, "--out", str(out), "--max-batch", "4", "--force")
+    assert code == 0 and "export: model.onnx" in text and "PASSED" in text
+    assert read_manifest(out)["created"] >= json.loads(json.dumps(read_manifest(out)["created"]))
+
+
+def test_a_modified_file_is_not_up_to_date(built, capsys):
+    out, _ = built
+    with open(out / "cond.fp16.onnx", "ab") as f:
+        f.write(b"\0")
+    code, text, _ = build(capsys, *TINY, "--out", str(out), "--max-batch", "4")
+    assert code == 0 and "up to date" not in text and "export: cond.fp16.onnx" in text
+    assert read_manifest(out)["validation"]["passed"]
+
+
+def test_validate_command_and_a_truncated_graph(built, tmp_path, capsys):
+    out, _ = built
+    assert main(["validate", "--export-dir", str(out), "--sample-steps", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1].startswith("PASSED")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    graph = copy / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:1000])
+    assert main(["validate", "--export-dir", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.onnx" in err and "truncated" in err
+
+
+def test_sample_with_the_onnxruntime_backend(built, tmp_path, capsys):
+    out, _ = built
+    png = tmp_path / "grid.png"
+    code = main(["sample", "--backend", "onnxruntime", "--model", "DiT-tiny/2", "--export-dir", str(out),
+                 "--steps", "3", "--num-images", "2", "--quiet", "--out", str(png)])
+    assert code == 0 and png.stat().st_size > 0
+    assert "onnxruntime (fp32, CPU, model.onnx)" in capsys.readouterr().out
+    code = main(["sample", "--backend", "onnxruntime", "--model", "DiT-tiny/2", "--precision", "fp16",
+                 "--export-dir", str(out), "--steps", "3", "--num-images", "2", "--quiet", "--out", str(png)])
+    assert code == 0 and "onnxruntime (fp16, CPU, model.fp16.onnx)" in capsys.readouterr().out
+    code = main(["sample", "--backend", "onnxruntime", "--model", "DiT-tiny/2", "--export-dir",
+                 str(tmp_path / "none"), "--quiet", "--out", str(png)])
+    assert code == 2 and "build it first" in capsys.readouterr().err
+    code = main(["sample", "--backend", "onnxruntime", "--model", "DiT-digits", "--export-dir", str(out),
+                 "--quiet", "--out", str(png)])
+    assert code == 2 and "another model config" in capsys.readouterr().err
+
+
+def test_an_interrupted_rebuild_is_never_complete(built, tmp_path, capsys, monkeypatch):
+    """A forced rebuild of a complete export dies while exporting the cond graph: the old manifest is gone
+    and no new one is written, so nothing treats the directory as an export."""
+    import ditexport.export as export
+
+    out = tmp_path / "tiny"
+    shutil.copytree(built[0], out)
+    assert read_manifest(out)
+    finish = export._finish
+
+    def dies_on_cond(proto, config, graph, precision, opset):
+        if graph == "cond":
+            raise KeyboardInterrupt
+        return finish(proto, config, graph, precision, opset)
+
+    monkeypatch.setattr(export, "_finish", dies_on_cond)
+    assert main(["build", *TINY, "--out", str(out), "--force"]) == 130
+    assert (out / "model.onnx").is_file() and not (out / "manifest.json").exists()
+    assert not (out / "cond.onnx").exists() and not (out / "report.json").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries either
+    assert list_exports(tmp_path) == []
+    capsys.readouterr()
+    code = main(["sample", "--backend", "onnxruntime", "--model", "DiT-tiny/2", "--export-dir", str(out),
+                 "--quiet", "--out", str(tmp_path / "x.png")])
+    assert code == 2 and "build it first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "DiT-nope"], "unknown model 'DiT-nope'"),
+    (["--precision", "fp8"], "--precision"),
+])
+def test_bad_input_is_one_line(args, message, tmp_path, capsys):
+    code, _, err = build(capsys, *args, "--out", str(tmp_path / "x"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_checkpoint_config_mismatch_and_unwritable_output(tmp_path, capsys):
+    from ditexport.model import create_model
+
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(create_model("DiT-tiny/2", seed=0).state_dict(), ckpt)
+    code, _, err = build(capsys, "--checkpoint", str(ckpt), "--config", "DiT-digits", "--out", str(tmp_path / "x"))
+    assert code == 2 and "does not fit the model" in err and len(err.strip().splitlines()) == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = build(capsys, "--checkpoint", str(ckpt), "--out", str(blocker / "export"))
+    assert code == 2 and "cannot write to output directory" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_build_with_no_model_builds_the_builtin_digits_end_to_end(tmp_path, capsys, monkeypatch):
+    from ditexport.errors import DitexportError
+    from ditexport.zoo import builtin_weights
+
+    try:
+        builtin_weights("digits")
+    except DitexportError as e:
+        pytest.skip(f"built-in digits weights are missing: {e}")
+    monkeypatch.chdir(tmp_path)  # the default output is exports/digits under the working directory
+    code, text, _ = build(capsys, "--sample-steps", "20")
+    assert code == 0, text
+    manifest = read_manifest(tmp_path / "exports" / "digits")
+    assert manifest["source"]["kind"] == "builtin" and len(manifest["source"]["weights_sha256"]) == 64
+    report = json.loads((tmp_path / "exports" / "digits" / "report.json").read_text())
+    assert [s["class_agreement"] for s in report["samples"]] == [1.0, 1.0]
+    assert "engine: skipped —" in text and text.rstrip().splitlines()[-1].startswith("build: done")

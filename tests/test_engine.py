@@ -1,0 +1,226 @@
+"""TensorRT engines: profile, naming, metadata, compatibility and integrity checks on CPU; the build on a GPU."""
+import json
+
+import pytest
+import torch
+
+from ditexport.artifacts import atomic_write_json
+from ditexport.engine import (REBUILD_COMMAND, EngineError, build_engine, check_engine_compatibility,
+                              check_onnx_unchanged, engine_metadata, engine_profile, find_plan, load_engine,
+                              metadata_path, onnx_input_shapes, plan_filename, profile_shapes,
+                              read_engine_metadata, sanitize_gpu_name, tensorrt_unavailable_reason,
+                              verify_plan_file)
+from ditexport.errors import DitexportError
+
+H100 = {"tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+TRT_REASON = tensorrt_unavailable_reason()
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16_onnx(tmp_path_factory):
+    pytest.importorskip("onnx_graphsurgeon", reason="the export needs onnx-graphsurgeon: pip install 'ditexport[trt]'")
+    from ditexport.export import export_onnx
+    from ditexport.model import create_model
+
+    path = tmp_path_factory.mktemp("onnx") / "model.fp16.onnx"
+    return export_onnx(create_model("DiT-tiny/2", seed=0), path, precision="fp16")
+
+
+def write_plan(directory, plan_bytes: bytes, onnx_path, environment=H100, stem="model", rebuild_command=None):
+    """A plan file and its metadata as build_engine writes them (the bytes stand in for TensorRT's output:
+    what is under test is the bookkeeping around them)."""
+    plan = directory / plan_filename(environment["gpu_name"], environment["tensorrt_version"], stem)
+    plan.write_bytes(plan_bytes)
+    meta = engine_metadata(plan_path=plan, plan_bytes=plan_bytes, onnx_path=onnx_path, environment=environment,
+                           profile={}, batch=(1, 16, 16), builder_optimization_level=3, build_seconds=1.0,
+                           timing_cache_path=None, rebuild_command=rebuild_command)
+    atomic_write_json(metadata_path(plan), meta)
+    return plan, meta
+
+
+# ------------------------------------------------------------------------------------ profile and names
+
+def test_engine_profile_doubles_for_guidance():
+    assert engine_profile(8) == (1, 16, 16)
+    assert engine_profile(8, guided=False) == (1, 8, 8)
+    assert engine_profile(32, opt_batch_images=1) == (1, 2, 64)
+    with pytest.raises(ValueError):
+        engine_profile(0)
+    with pytest.raises(ValueError):
+        engine_profile(4, opt_batch_images=5)
+
+
+def test_profile_shapes_from_a_real_export(tiny_fp16_onnx):
+    shapes = onnx_input_shapes(tiny_fp16_onnx)
+    assert list(shapes) == ["x", "t", "y"]
+    assert isinstance(shapes["x"][0], str) and shapes["x"][1:] == [4, 8, 8]
+    profile = profile_shapes(shapes, *engine_profile(8))
+    assert profile["x"] == {"min": [1, 4, 8, 8], "opt": [16, 4, 8, 8], "max": [16, 4, 8, 8]}
+    assert profile["t"] == {"min": [1], "opt": [16], "max": [16]}
+    with pytest.raises(ValueError):
+        profile_shapes(shapes, 4, 2, 8)
+
+
+def test_profile_refuses_fixed_batch_and_other_dynamic_axes():
+    with pytest.raises(EngineError, match="fixed batch"):
+        profile_shapes({"x": [2, 4, 8, 8]}, 1, 2, 4)
+    with pytest.raises(EngineError, match="besides the batch"):
+        profile_shapes({"x": ["batch", 4, "h", "w"]}, 1, 2, 4)
+
+
+def test_plan_names_carry_gpu_and_tensorrt_version():
+    assert sanitize_gpu_name("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert sanitize_gpu_name("  NVIDIA GeForce RTX 4090 (laptop) ") == "nvidia-geforce-rtx-4090-laptop"
+    assert plan_filename("NVIDIA H100 80GB HBM3", "10.13.0.35") == "model.nvidia-h100-80gb-hbm3.trt10.13.0.35.plan"
+    assert plan_filename("NVIDIA A10G", "11.1.0", stem="vae") == "vae.nvidia-a10g.trt11.1.0.plan"
+
+
+# ------------------------------------------------------------------------------------ compatibility
+
+def test_same_machine_is_compatible():
+    assert check_engine_compatibility(dict(H100), dict(H100)) == []
+
+
+def test_other_tensorrt_version_is_refused_with_the_rebuild_command():
+    with pytest.raises(EngineError) as info:
+        check_engine_compatibility(dict(H100), {**H100, "tensorrt_version": "10.14.1.48"})
+    message = str(info.value)
+    assert "10.13.0.35" in message and "10.14.1.48" in message and REBUILD_COMMAND in message
+
+
+def test_other_architecture_is_refused():
+    a100 = {"tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
+    with pytest.raises(EngineError, match="architecture") as info:
+        check_engine_compatibility(dict(H100), a100)
+    assert "A100" in str(info.value) and "H100" in str(info.value)
+
+
+def test_same_architecture_other_model_only_warns():
+    h100_pcie = {**H100, "gpu_name": "NVIDIA H100 PCIe"}
+    warnings = check_engine_compatibility(dict(H100), h100_pcie)
+    assert len(warnings) == 1 and "H100 PCIe" in warnings[0]
+
+
+def test_recorded_rebuild_command_is_the_one_suggested():
+    meta = {**H100, "rebuild_command": "python -m ditexport build --force --model DiT-XL/2"}
+    with pytest.raises(EngineError, match="--model DiT-XL/2"):
+        check_engine_compatibility(meta, {**H100, "tensorrt_version": "11.0.0"})
+
+
+# ------------------------------------------------------------------------------------ files and integrity
+
+def test_metadata_round_trip_and_intact_plan(tmp_path, tiny_fp16_onnx):
+    plan, meta = write_plan(tmp_path, b"\x01plan-bytes" * 100, tiny_fp16_onnx)
+    read = read_engine_metadata(plan)
+    assert read == json.loads(json.dumps(meta))
+    assert read["plan_bytes"] == 1100 and read["onnx_file"] == "model.fp16.onnx"
+    assert read["strongly_typed"] is True and read["batch"] == {"min": 1, "opt": 16, "max": 16}
+    verify_plan_file(plan, read)  # no error
+    check_onnx_unchanged(read, tiny_fp16_onnx)
+
+
+def test_truncated_plan_is_refused(tmp_path, tiny_fp16_onnx):
+    plan, meta = write_plan(tmp_path, b"x" * 1000, tiny_fp16_onnx)
+    plan.write_bytes(b"x" * 600)
+    with pytest.raises(EngineError, match="corrupt: 600 bytes") as info:
+        verify_plan_file(plan, read_engine_metadata(plan))
+    assert REBUILD_COMMAND in str(info.value)
+
+
+def test_altered_plan_of_the_same_size_is_refused(tmp_path, tiny_fp16_onnx):
+    plan, _ = write_plan(tmp_path, bytes(range(256)) * 4, tiny_fp16_onnx)
+    data = bytearray(plan.read_bytes())
+    data[100] ^= 0xFF
+    plan.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match="SHA-256"):
+        verify_plan_file(plan, read_engine_metadata(plan))
+
+
+def test_stale_plan_is_refused_when_the_onnx_changed(tmp_path, tiny_fp16_onnx):
+    onnx_copy = tmp_path / "model.fp16.onnx"
+    onnx_copy.write_bytes(tiny_fp16_onnx.read_bytes())
+    plan, meta = write_plan(tmp_path, b"plan", onnx_copy)
+    onnx_copy.write_bytes(onnx_copy.read_bytes() + b"\0")
+    with pytest.raises(EngineError, match="stale"):
+        check_onnx_unchanged(meta, onnx_copy)
+
+
+def test_missing_or_broken_metadata(tmp_path, tiny_fp16_onnx):
+    with pytest.raises(EngineError, match="not found"):
+        read_engine_metadata(tmp_path / "model.x.plan")
+    plan, _ = write_plan(tmp_path, b"plan", tiny_fp16_onnx)
+    metadata_path(plan).write_text("{not json")
+    with pytest.raises(EngineError, match="cannot read engine metadata"):
+        read_engine_metadata(plan)
+    metadata_path(plan).write_text(json.dumps({"gpu_name": "x"}))
+    with pytest.raises(EngineError, match="lacks"):
+        read_engine_metadata(plan)
+    metadata_path(plan).unlink()
+    with pytest.raises(EngineError, match="no metadata"):
+        read_engine_metadata(plan)
+
+
+def test_find_plan_picks_this_machines_plan(tmp_path, tiny_fp16_onnx):
+    with pytest.raises(EngineError, match="no TensorRT engine"):
+        find_plan(tmp_path, environment=H100)
+    a100 = {"tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
+    other, _ = write_plan(tmp_path, b"plan", tiny_fp16_onnx, environment=a100)
+    with pytest.raises(EngineError, match="built elsewhere") as info:
+        find_plan(tmp_path, environment=H100)
+    assert other.name in str(info.value)
+    mine, _ = write_plan(tmp_path, b"plan", tiny_fp16_onnx, environment=H100)
+    assert find_plan(tmp_path, environment=H100) == mine
+    with pytest.raises(EngineError, match="not found"):
+        find_plan(tmp_path / "nope", environment=H100)
+
+
+# ------------------------------------------------------------------------------------ without TensorRT
+
+def test_unavailable_reason_names_what_is_missing():
+    try:
+        import tensorrt  # noqa: F401
+        has_trt = True
+    except Exception:
+        has_trt = False
+    reason = tensorrt_unavailable_reason(for_build=False)
+    if has_trt and torch.cuda.is_available():
+        assert reason is None
+    else:
+        assert isinstance(reason, str)
+        assert ("tensorrt is not installed" in reason) == (not has_trt)
+        assert ("no CUDA GPU" in reason) == (not torch.cuda.is_available())
+
+
+@pytest.mark.skipif(TRT_REASON is None, reason="TensorRT and a GPU are present: the error path does not apply")
+def test_build_and_load_say_why_they_cannot_run(tmp_path, tiny_fp16_onnx):
+    with pytest.raises(DitexportError, match="cannot build a TensorRT engine: .*"):
+        build_engine(tiny_fp16_onnx, tmp_path / "model.plan", min_batch=1, opt_batch=2, max_batch=2)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    with pytest.raises(DitexportError, match="cannot load a TensorRT engine"):
+        load_engine(tmp_path / "model.plan")
+
+
+# ------------------------------------------------------------------------------------ with TensorRT
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(TRT_REASON is not None, reason=f"needs TensorRT and a GPU: {TRT_REASON}")
+def test_build_writes_plan_metadata_and_timing_cache(tmp_path, tiny_fp16_onnx):
+    from ditexport.engine import current_environment, plan_path_for
+
+    export_dir = tmp_path / "exports" / "tiny"
+    plan = plan_path_for(export_dir)
+    meta = build_engine(tiny_fp16_onnx, plan, min_batch=1, opt_batch=4, max_batch=8, builder_optimization_level=1)
+    env = current_environment()
+    assert plan.is_file() and metadata_path(plan).is_file()
+    assert {k: meta[k] for k in env} == env
+    assert meta["profile"]["x"]["max"] == [8, 4, 8, 8] and meta["batch"] == {"min": 1, "opt": 4, "max": 8}
+    cache = tmp_path / "exports" / next(p.name for p in (tmp_path / "exports").glob("timing-cache.*.cache"))
+    assert cache.stat().st_size > 0
+    runtime, engine, loaded = load_engine(plan, onnx_path=tiny_fp16_onnx)
+    assert loaded == meta and engine.num_io_tensors == 4
+    # A second build reads the cache the first one wrote, and still produces a loadable plan.
+    build_engine(tiny_fp16_onnx, plan, min_batch=1, opt_batch=4, max_batch=8, builder_optimization_level=1)
+    load_engine(plan)
+    plan.write_bytes(plan.read_bytes()[:-16])
+    with pytest.raises(EngineError, match="corrupt"):
+        load_engine(plan)
