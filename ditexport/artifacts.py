@@ -48,6 +48,15 @@ def default_export_dir(model: str | None = None, checkpoint: str | Path | None =
 
 # ---------------------------------------------------------------------------------- atomic writes
 
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Renames a finished temporary file onto `path`, with the permissions a plain new file would get
+    (temporary files are created private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yields a temporary path beside `path`; renames it onto `path` only if the block finishes."""
@@ -57,7 +66,7 @@ def atomic_path(path: str | Path):
     tmp = Path(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

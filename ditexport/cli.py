@@ -198,9 +198,18 @@ def cmd_demo(args) -> int:
 
 # --------------------------------------------------------------------------------------- train-digits
 
+def set_torch_threads(threads: int | None) -> None:
+    # On a shared CPU, torch's default of one thread per core can run many times slower than one thread.
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def cmd_train_digits(args) -> int:
     from .zoo.digits_train import DEFAULT_OUT, DigitsTrainConfig, save_weights, train_digits, training_summary
 
+    set_torch_threads(args.torch_threads)
     cfg = DigitsTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                             **({"lr": args.lr} if args.lr is not None else {}))
     out = Path(args.out) if args.out else DEFAULT_OUT
@@ -223,6 +232,7 @@ def cmd_eval(args) -> int:
     from .checkpoint import load_model
     from .zoo.digits_eval import evaluate_digits
 
+    set_torch_threads(args.torch_threads)
     model, source = load_model(args.model, args.checkpoint, args.config)
     backend = TorchBackend(model, device=resolve_device(args.device))
     unguided = "" if args.cfg_scale == 1 else " and without"
@@ -400,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches, t, noise and dropout")
     p.add_argument("--out", default=None, help="output directory (default: the package's ditexport/zoo/digits)")
+    p.add_argument("--torch-threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice, one per core; results are bit-identical "
+                   "only for the same thread count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_digits)
 
@@ -415,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default: cpu)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    p.add_argument("--torch-threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
@@ -478,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default: 18; 23+ exports attention as the ONNX Attention op)")
     p.add_argument("--sample-steps", type=int, default=None,
-                   help="steps of the sample-level parity check, 0 to skip (default: 50 for digits, else 10)")
+                   help="steps of the sample-level parity check, 0 to skip (default: 50 for digits, else 5)")
     p.add_argument("--force", action="store_true", help="rebuild even when the export is up to date")
     p.set_defaults(func=cmd_build)
 
@@ -488,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", default=None, help="export directory (default: exports/<--model>)")
     p.add_argument("--model", default=None, help="model name, to find exports/<name> (default: digits)")
     p.add_argument("--sample-steps", type=int, default=None,
-                   help="steps of the sample-level parity check, 0 to skip (default: 50 for digits, else 10)")
+                   help="steps of the sample-level parity check, 0 to skip (default: 50 for digits, else 5)")
     p.set_defaults(func=cmd_validate)
     return parser
 

@@ -58,9 +58,11 @@ def _ort_call(path: Path, feed, threads: int | None = None, optimization: str = 
 
 
 def compare_onnxruntime_to_torch(model_names=("DiT-S/2", "DiT-B/2"), batch: int = 4, image_size: int = 256,
-                                 rounds: int = 5, calls: int = 2, opset: int | None = None, log=print) -> list[dict]:
-    """ms per forward of torch eager fp32 and ONNX Runtime CPU fp32 (this export's graph), per model."""
-    threads = len(os.sched_getaffinity(0))
+                                 rounds: int = 5, calls: int = 2, opset: int | None = None, threads: int | None = None,
+                                 log=print) -> list[dict]:
+    """ms per forward of torch eager fp32 and ONNX Runtime CPU fp32 (this export's graph), per model, both on
+    `threads` threads (default: every core this process may use)."""
+    threads = threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="ditexport-bench-") as tmp:
@@ -68,12 +70,12 @@ def compare_onnxruntime_to_torch(model_names=("DiT-S/2", "DiT-B/2"), batch: int 
             model = create_model(get_config(name, image_size=image_size), seed=0)
             path = export_onnx(model, Path(tmp) / "model.onnx", opset=opset)
             feed = _feed(model, batch)
-            ms = time_interleaved({"torch": _torch_call(model, feed), "onnxruntime": _ort_call(path, feed)},
-                                  rounds, calls)
+            ms = time_interleaved({"torch": _torch_call(model, feed),
+                                   "onnxruntime": _ort_call(path, feed, threads=threads)}, rounds, calls)
             row = {"model": name, "image_size": image_size, "batch": batch, "threads": threads,
                    "torch_ms": ms["torch"], "onnxruntime_ms": ms["onnxruntime"],
                    "speedup": round(ms["torch"] / ms["onnxruntime"], 2)}
-            log(f"{name:<9} batch {batch}: torch eager {row['torch_ms']:8.1f} ms, onnxruntime {row['onnxruntime_ms']:8.1f}"
+            log(f"{name:<9} batch {batch}, {threads} thread(s): torch eager {row['torch_ms']:8.1f} ms, onnxruntime {row['onnxruntime_ms']:8.1f}"
                 f" ms per forward -> {row['speedup']:.2f}x")
             rows.append(row)
             del model
@@ -147,12 +149,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch and ORT threads (default: all cores)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     models = tuple(args.models.split(",")) if args.models else None
     if args.what == "compare":
         result = compare_onnxruntime_to_torch(models or ("DiT-S/2", "DiT-B/2"), args.batch or 4, args.image_size,
-                                              args.rounds)
+                                              args.rounds, threads=args.threads)
     elif args.what == "options":
         result = compare_options(args.model, args.batch or 4, args.image_size, args.rounds)
     else:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .artifacts import onnx_filename
+from .artifacts import onnx_filename, publish
 from .errors import DitexportError
 from .model import DiT, DiTConfig
 
@@ -237,7 +236,28 @@ def _torch_to_onnx(model: DiT, graph: str, opset: int, batch: int):
     finally:
         model.train(was_training)
         registration_log.setLevel(level)
-    return program.model_proto
+    # Through a file rather than `program.model_proto`: the exporter's own copy of the weights is freed before
+    # the ModelProto is built, so the two never sit in memory together (DiT-XL/2: 2.7 GB each).
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="ditexport-trace-") as tmp:
+        path = Path(tmp) / "traced.onnx"
+        program.save(str(path), external_data=True)
+        del program
+        release_memory()
+        return onnx.load(str(path))
+
+
+def release_memory() -> None:
+    """Hands freed heap back to the OS, so the peak of one export stage does not stay resident for the next."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the memory is reused by the process instead
 
 
 #################################################################################
@@ -417,27 +437,49 @@ def _einsum_to_transpose(proto) -> int:
     return count
 
 
+# Weights above this size stay in place during clean-up: graphsurgeon sees them as graph inputs, so it
+# neither copies them (DiT-XL/2 holds 2.7 GB) nor folds anything computed from them (the exporter's own
+# optimizer already has). Smaller constants (shapes, scales, biases) are folded as usual.
+_WEIGHT_BYTES = 1 << 16
+
+
 def clean_up(proto):
-    """Permutation Einsum -> Transpose, then constant folding (incl. static shapes) and dead-node removal."""
+    """Permutation Einsum -> Transpose, then constant folding (incl. static shapes), dead-node removal and a
+    topological sort by onnx-graphsurgeon; `proto` is updated in place and returned."""
     import onnx_graphsurgeon as gs
+    from onnx import helper
 
     _einsum_to_transpose(proto)
-    metadata = {p.key: p.value for p in proto.metadata_props}
+    g = proto.graph
+    weights = {t.name: t for t in g.initializer if t.ByteSize() > _WEIGHT_BYTES}
+    skeleton = helper.make_model(
+        helper.make_graph(list(g.node), g.name,
+                          list(g.input) + [helper.make_tensor_value_info(n, t.data_type, list(t.dims))
+                                           for n, t in weights.items()],
+                          list(g.output), initializer=[t for t in g.initializer if t.name not in weights],
+                          value_info=list(g.value_info)),
+        opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    graph = gs.import_onnx(skeleton)
+    graph.fold_constants(fold_shapes=True, error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+    cleaned = gs.export_onnx(graph, do_type_check=True).graph
+    del graph, skeleton
+
     # graphsurgeon drops node metadata; the module scopes in it drive the fp16 policy and tell a reader where a
     # node comes from. The exporter's stack traces and FX dumps are dropped: they would double a small file.
-    node_metadata = {n.name: [p for p in n.metadata_props if p.key == SCOPES_KEY]
-                     for n in proto.graph.node if n.name}
-    graph = gs.import_onnx(proto)
-    del proto
-    graph.fold_constants(fold_shapes=True, error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
-    cleaned = gs.export_onnx(graph, do_type_check=True)
-    del graph
-    for key, value in metadata.items():
-        cleaned.metadata_props.add(key=key, value=value)
-    for node in cleaned.graph.node:
-        if node.name in node_metadata and not node.metadata_props:
-            node.metadata_props.extend(node_metadata[node.name])
-    return cleaned
+    scopes = {n.name: [p for p in n.metadata_props if p.key == SCOPES_KEY] for n in g.node if n.name}
+    for node in cleaned.node:
+        node.metadata_props.extend(scopes.get(node.name, []))
+    used = {name for n in cleaned.node for name in n.input} | {o.name for o in cleaned.output}
+    for i in reversed(range(len(g.initializer))):
+        name = g.initializer[i].name
+        if name not in weights or name not in used:
+            del g.initializer[i]
+    g.initializer.extend(cleaned.initializer)
+    for field, values in (("node", cleaned.node), ("input", [i for i in cleaned.input if i.name not in weights]),
+                          ("output", cleaned.output), ("value_info", cleaned.value_info)):
+        del getattr(g, field)[:]
+        getattr(g, field).extend(values)
+    return proto
 
 
 #################################################################################
@@ -471,10 +513,10 @@ def save_onnx(proto, path: str | Path, external_data_threshold: int = EXTERNAL_D
         onnx.shape_inference.infer_shapes_path(str(tmp), str(tmp), check_type=True, strict_mode=True)
         onnx.checker.check_model(str(tmp))
         if external:
-            os.replace(tmp_dir / data_name, path.parent / data_name)
+            publish(tmp_dir / data_name, path.parent / data_name)
         else:
             (path.parent / data_name).unlink(missing_ok=True)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
@@ -551,12 +593,14 @@ def export_graphs(model: DiT, out_dir: str | Path, *, precisions=PRECISIONS, gra
             proto = _torch_to_onnx(model, graph, opset, batch)
             save_onnx(_finish(proto, model.config, graph, "fp32", opset), fp32_path, external_data_threshold)
             del proto
+            release_memory()
             for precision in precisions:
                 if precision != "fp32":
                     path = out_dir / onnx_filename(graph, precision)
                     proto = onnx.load(str(fp32_path))
                     save_onnx(_finish(proto, model.config, graph, precision, opset), path, external_data_threshold)
                     del proto
+                    release_memory()
                 else:
                     path = fp32_path
                 paths[(graph, precision)] = path

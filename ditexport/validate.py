@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .artifacts import onnx_filename
-from .export import GRAPHS, PRECISIONS, TOLERANCE, graph_spec
+from .export import GRAPHS, PRECISIONS, TOLERANCE, graph_spec, release_memory
 from .model import DiT, DiTConfig
 
 DEFAULT_BATCHES = (1, 2, 5)           # 1, 2 and an odd size on one session: the batch axis is really dynamic
@@ -108,7 +108,10 @@ def emulated_copy(onnx_path: str | Path, workdir: str | Path) -> Path:
     from .export import save_onnx
 
     proto = onnx.load(str(onnx_path))
-    return save_onnx(emulate_fp16(proto), Path(workdir) / f"emulated.{Path(onnx_path).name}")
+    path = save_onnx(emulate_fp16(proto), Path(workdir) / f"emulated.{Path(onnx_path).name}")
+    del proto
+    release_memory()
+    return path
 
 
 def needs_emulation(precision: str, providers: list[str]) -> bool:
@@ -168,8 +171,11 @@ def _io_problem(session, spec, batch: int, out: np.ndarray) -> str:
 
 def check_graph(model: DiT, onnx_path: str | Path, *, graph: str = "xty", precision: str = "fp32",
                 batches=DEFAULT_BATCHES, seed: int = 0, providers: list[str] | None = None,
-                tolerance: float | None = None) -> list[GraphCheck]:
-    """One ONNX Runtime session, run at every batch size and compared with torch fp32 (fp16 on the CPU: emulated)."""
+                tolerance: float | None = None, references: dict | None = None) -> list[GraphCheck]:
+    """One ONNX Runtime session, run at every batch size and compared with torch fp32 (fp16 on the CPU: emulated).
+
+    `references` caches torch outputs by (graph, batch, seed), so the fp32 and fp16 graphs share them.
+    """
     from .backends.onnxruntime_backend import default_providers, load_session
 
     onnx_path = Path(onnx_path)
@@ -180,9 +186,13 @@ def check_graph(model: DiT, onnx_path: str | Path, *, graph: str = "xty", precis
     with tempfile.TemporaryDirectory(prefix="ditexport-check-") as tmp:
         session = load_session(emulated_copy(onnx_path, tmp) if emulated else onnx_path, providers)
     checks = []
+    references = {} if references is None else references
     for batch in batches:
         feed = graph_feed(model, graph, batch, seed + batch)
-        expected = reference_output(model, graph, feed).numpy()
+        key = (graph, batch, seed + batch)
+        if key not in references:
+            references[key] = reference_output(model, graph, feed).numpy()
+        expected = references[key]
         (out,) = session.run(None, {k: v.numpy() for k, v in feed.items()})
         problem = _io_problem(session, spec, batch, out)
         if problem:
@@ -193,6 +203,8 @@ def check_graph(model: DiT, onnx_path: str | Path, *, graph: str = "xty", precis
         passed = finite and rel <= tolerance
         checks.append(GraphCheck(onnx_path.name, graph, precision, batch, rel, max_abs, tolerance, finite, passed,
                                  "" if finite else "non-finite values (NaN/Inf) in the output", emulated))
+    del session
+    release_memory()
     return checks
 
 
@@ -371,12 +383,17 @@ def sample_parity(model: DiT, backends: dict[str, object], *, labels: list[int],
     torch_classes = classifier.predict(reference).tolist() if classifier is not None else None
     checks = []
     for file, backend in backends.items():
-        backend = backend if isinstance(backend, Backend) else backend()
+        owned = not isinstance(backend, Backend)
+        backend = backend() if owned else backend
         images = Pipeline(backend)(labels, seed=seed, sampler_cfg=sampler_cfg, progress=False).images
-        backend.close()
+        precision = backend.precision
+        if owned:
+            backend.close()
+            del backend
+            release_memory()
         values = psnr(images, reference)
-        floor = SAMPLE_PSNR_FLOOR[backend.precision]
-        check = SampleCheck(file, backend.precision, steps, method, guidance_scale, list(labels), values, floor,
+        floor = SAMPLE_PSNR_FLOOR[precision]
+        check = SampleCheck(file, precision, steps, method, guidance_scale, list(labels), values, floor,
                             torch_classes=torch_classes)
         passed = min(values) >= floor
         if classifier is not None:
@@ -481,8 +498,10 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
     report = ValidationReport(str(export_dir), model_name, onnxruntime.__version__, providers)
     present = {(g, p): export_dir / onnx_filename(g, p) for g in GRAPHS for p in PRECISIONS
                if (export_dir / onnx_filename(g, p)).is_file()}
+    references = {}
     for (graph, precision), path in present.items():
-        checks = check_graph(model, path, graph=graph, precision=precision, batches=batches, providers=providers)
+        checks = check_graph(model, path, graph=graph, precision=precision, batches=batches, providers=providers,
+                             references=references)
         report.checks.extend(checks)
         worst = max(checks, key=lambda c: c.rel_err)
         log(f"validate: {path.name:<17} {precision}  worst rel err {worst.rel_err:.2e} "
@@ -497,7 +516,9 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
             f"{'ok' if report.stress['passed'] else 'FAILED'}")
     if sample_steps != 0:
         digits = _is_digits_config(model.config)
-        steps = sample_steps or (50 if digits else 10)
+        # The built-in model: one digit per class, 50 steps, seconds. Other models: a short chain of 2 images,
+        # since every step is a forward per backend (DiT-XL/2 on 2 CPU cores: ~1 s per image per forward).
+        steps = sample_steps or (50 if digits else 5)
         n = sample_images or (model.config.num_classes if digits else 2)
         labels = [i % model.config.num_classes for i in range(n)]
         with tempfile.TemporaryDirectory(prefix="ditexport-samples-") as tmp:

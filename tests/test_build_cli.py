@@ -14,6 +14,17 @@ from ditexport.cli import main
 TINY = ["--model", "DiT-tiny/2", "--sample-steps", "3"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These models are tiny: one torch thread is faster than two, and immune to a busy second core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build(capsys, *args) -> tuple[int, str, str]:
     code = main(["build", *args])
     captured = capsys.readouterr()
@@ -166,7 +177,7 @@ def test_build_with_no_model_builds_the_builtin_digits_end_to_end(tmp_path, caps
     except DitexportError as e:
         pytest.skip(f"built-in digits weights are missing: {e}")
     monkeypatch.chdir(tmp_path)  # the default output is exports/digits under the working directory
-    code, text, _ = build(capsys, "--sample-steps", "20")
+    code, text, _ = build(capsys, "--sample-steps", "10")
     assert code == 0, text
     manifest = read_manifest(tmp_path / "exports" / "digits")
     assert manifest["source"]["kind"] == "builtin" and len(manifest["source"]["weights_sha256"]) == 64

@@ -19,6 +19,17 @@ from ditexport.validate import (FP16_MAX, SAMPLE_PSNR_FLOOR, ValidationReport, c
 CPU = ["CPUExecutionProvider"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These models are tiny: one torch thread is faster than two, and immune to a busy second core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_relative_error_and_non_finite_values():
     b = np.array([3.0, 4.0])
     rel, max_abs, finite = relative_error(b + [0.0, 0.5], b)
