@@ -35,9 +35,9 @@ PRECISIONS = ("fp32", "fp16")
 # "fp16-all" (every op in fp16, I/O fp32) exists only to show what the precision policy prevents.
 DIAGNOSTIC_PRECISIONS = ("fp16-all",)
 
-# Opset 18 with attention written as MatMul-Softmax-MatMul: chosen by measurement (docs/export.md) — on
-# ONNX Runtime CPU it is as fast as the opset-23 `Attention` op, and TensorRT's parser only reads that op
-# from 10.14 on, while it fuses this pattern into its MHA kernels on every TensorRT 10/11.
+# Opset 18 with attention written as MatMul-Softmax-MatMul, chosen by measurement (docs/export.md): on ONNX
+# Runtime CPU the opset-23 `Attention` op is only 5 % faster, while TensorRT's parser reads that op from
+# 10.14 on only and fuses this pattern into its MHA kernels on every TensorRT 10/11.
 DEFAULT_OPSET = 18
 ONNX_ATTENTION_OPSET = 23  # from this opset on, SDPA is exported as the ONNX `Attention` op instead
 
@@ -232,7 +232,8 @@ def _torch_to_onnx(model: DiT, graph: str, opset: int, batch: int):
                                         input_names=spec.input_names, output_names=spec.output_names,
                                         dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
     except Exception as e:
-        raise ExportError(f"torch.onnx.export failed for the {graph!r} graph: {e}") from e
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"torch.onnx.export failed for the {graph!r} graph: {first_line}") from e
     finally:
         model.train(was_training)
         registration_log.setLevel(level)

@@ -78,3 +78,36 @@ def test_graph_that_does_not_fit_the_config_or_lacks_cond(exported):
     backend = OnnxRuntimeBackend(xty, model.config)
     with pytest.raises(OnnxRuntimeError, match="cond_path"):
         backend.with_condition(torch.zeros(1, 4, 8, 8), torch.zeros(1, 64))
+
+
+def _cuda_provider_missing() -> str | None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime has no CUDA provider here (pip install onnxruntime-gpu)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    return None
+
+
+@pytest.mark.gpu
+def test_cuda_provider_with_io_binding_matches_the_cpu(tmp_path):
+    reason = _cuda_provider_missing()
+    if reason:
+        pytest.skip(reason)
+    model = create_model("DiT-tiny/2", seed=11)
+    paths = export_graphs(model, tmp_path, log=lambda *_: None)
+    feed = graph_feed(model, "xty", 3, seed=4)
+    cpu = OnnxRuntimeBackend(paths[("xty", "fp32")], model.config, providers=["CPUExecutionProvider"])
+    expected = cpu(feed["x"], feed["t"], feed["y"])
+    for precision, limit in (("fp32", 1e-4), ("fp16", 5e-3)):
+        gpu = OnnxRuntimeBackend(paths[("xty", precision)], model.config,
+                                 cond_path=paths[("cond", precision)])
+        assert gpu.device.type == "cuda" and gpu.providers[0] == "CUDAExecutionProvider"
+        x, t, y = (v.to(gpu.device) for v in (feed["x"], feed["t"], feed["y"]))
+        out = gpu(x, t, y)
+        assert out.device == gpu.device  # bound in place: no trip through the host
+        assert relative_error(out.cpu(), expected)[0] < limit
+        with torch.no_grad():
+            c = model.embed_condition(feed["t"], feed["y"]).to(gpu.device)
+        assert relative_error(gpu.with_condition(x, c).cpu(), out.cpu())[0] < 1e-3

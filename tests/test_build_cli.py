@@ -15,7 +15,7 @@ TINY = ["--model", "DiT-tiny/2", "--sample-steps", "3"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
+def single_torch_thread():
     """These models are tiny: one torch thread is faster than two, and immune to a busy second core."""
     import torch
 
@@ -69,10 +69,16 @@ def test_second_build_is_up_to_date_and_force_rebuilds(built, capsys):
     assert code == 0 and "up to date" in text and "export:" not in text
     assert seconds < first_seconds / 3
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
-    # Another input (the engine profile's max batch) is a different export: rebuilt, not skipped.
     code, text, _ = build(capsys, *TINY, "--out", str(out), "--max-batch", "4", "--force")
     assert code == 0 and "export: model.onnx" in text and "PASSED" in text
-    assert read_manifest(out)["created"] >= json.loads(json.dumps(read_manifest(out)["created"]))
+    rewritten = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert all(rewritten[name] != stamps[name] for name in stamps)  # every file, manifest included
+    # Another input (the engine profile's max batch) is another export: rebuilt without --force.
+    code, text, _ = build(capsys, *TINY, "--out", str(out), "--max-batch", "2")
+    assert code == 0 and "up to date" not in text and "export: model.onnx" in text
+    assert read_manifest(out)["io_spec"]["batch_profile"]["max"] == 4
+    code, text, _ = build(capsys, *TINY, "--out", str(out), "--max-batch", "4")  # back to the fixture's
+    assert code == 0 and "up to date" not in text
 
 
 def test_a_modified_file_is_not_up_to_date(built, capsys):

@@ -27,7 +27,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10_000, 0.999) == 0.999
 
 
-def test_short_training_run_lowers_the_loss_on_a_fixed_batch():
+def test_short_training_run_lowers_the_loss_on_a_fixed_batch(one_torch_thread):
     images, labels = load_digits_tensors()
     gen = torch.Generator().manual_seed(123)
     idx = torch.randperm(len(images), generator=gen)[:128]

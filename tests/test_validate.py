@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import onnx
@@ -14,13 +15,13 @@ from ditexport.export import export_graphs
 from ditexport.model import create_model
 from ditexport.validate import (FP16_MAX, SAMPLE_PSNR_FLOOR, ValidationReport, check_graph, emulate_fp16,
                                 emulated_copy, graph_feed, locate_drift, psnr, relative_error, sample_parity,
-                                stress_check)
+                                stress_check, validate_export)
 
 CPU = ["CPUExecutionProvider"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
+def single_torch_thread():
     """These models are tiny: one torch thread is faster than two, and immune to a busy second core."""
     import torch
 
@@ -101,6 +102,16 @@ def test_per_tensor_comparison_names_the_first_drifting_tensor(tiny, tmp_path):
     assert drift["tensors_compared"] > 50
     assert drift["first_drift"]["tensor"] == matmul.output[0]
     assert drift["first_drift"]["rel_err"] > 5e-3
+
+    # The same through the whole validation: FAILED, with the diagnosis in the report.
+    shutil.copy(fp32, tmp_path / "model.onnx")
+    report = validate_export(tmp_path, model, batches=(2,), stress=False, sample_steps=0, providers=CPU,
+                             log=lambda *_: None)
+    assert not report.passed
+    assert [c.passed for c in report.checks] == [True, False]
+    assert report.drift[0]["first_drift"]["tensor"] == matmul.output[0]
+    text = report.format()
+    assert f"first drifting tensor {matmul.output[0]!r}" in text and text.splitlines()[-1].startswith("FAILED")
 
 
 def test_stress_the_all_fp16_graph_overflows_and_the_mixed_graph_does_not():

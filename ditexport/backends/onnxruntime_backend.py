@@ -14,8 +14,8 @@ from .base import Backend
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
-# Chosen by measurement (docs/export.md): full graph optimisation is never slower than "basic"/"extended" on
-# these graphs, and one intra-op thread per core; ORT's transformer fusions did not help (see the docs).
+# Measured in docs/export.md: "basic", "extended" and "all" are within 1 % on DiT graphs, so the most complete
+# level is kept; ORT's transformer optimizer fuses only GELU here and did not help, so it is not used.
 GRAPH_OPTIMIZATION = "all"
 
 
@@ -32,12 +32,17 @@ def _import_onnxruntime():
     return onnxruntime
 
 
-def default_providers() -> list[str]:
-    """CUDA (then CPU as fallback) where onnxruntime-gpu and a GPU exist, otherwise CPU."""
+def default_providers() -> list:
+    """CUDA on torch's current GPU (CPU as fallback) where onnxruntime-gpu and a GPU exist, otherwise CPU."""
     ort = _import_onnxruntime()
     if CUDA in ort.get_available_providers() and torch.cuda.is_available():
-        return [CUDA, CPU]
+        return [(CUDA, {"device_id": torch.cuda.current_device()}), CPU]
     return [CPU]
+
+
+def provider_names(providers: list) -> list[str]:
+    """Provider names of a providers list whose entries may be (name, options) pairs."""
+    return [p if isinstance(p, str) else p[0] for p in providers]
 
 
 def session_options(threads: int | None = None, optimization: str = GRAPH_OPTIMIZATION):
@@ -47,12 +52,14 @@ def session_options(threads: int | None = None, optimization: str = GRAPH_OPTIMI
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
+    # One thread per usable core (ORT's default) unless told otherwise; on a machine shared with other
+    # work, threads=1 measured faster (docs/export.md).
     options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     options.log_severity_level = 3  # errors only: ORT warns about every fp16 node it runs through a cast on the CPU
     return options
 
 
-def load_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+def load_session(path: str | Path, providers: list | None = None, threads: int | None = None,
                  optimization: str = GRAPH_OPTIMIZATION):
     """An InferenceSession, or one OnnxRuntimeError naming the file for a missing, corrupt or truncated graph."""
     ort = _import_onnxruntime()
@@ -82,14 +89,17 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, config: DiTConfig, *, cond_path: str | Path | None = None,
-                 providers: list[str] | None = None, max_batch: int | None = None, threads: int | None = None,
+                 providers: list | None = None, max_batch: int | None = None, threads: int | None = None,
                  optimization: str = GRAPH_OPTIMIZATION):
         self.onnx_path = Path(onnx_path)
         self.session = load_session(self.onnx_path, providers, threads, optimization)
         self.cond_session = load_session(cond_path, providers, threads, optimization) if cond_path else None
         self.providers = self.session.get_providers()
-        on_gpu = self.providers[0] == CUDA
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        if self.providers[0] == CUDA:
+            index = int(self.session.get_provider_options()[CUDA].get("device_id", 0))
+            device = torch.device("cuda", index)
+        else:
+            device = torch.device("cpu")
         super().__init__(config, device, torch.float32, max_batch)
         meta = graph_metadata(self.session)
         self.precision = meta.get("ditexport.precision", "fp32")

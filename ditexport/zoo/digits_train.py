@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +43,6 @@ class TrainResult:
     losses: list[float]
     seconds: float
     config: DigitsTrainConfig
-    extra: dict = field(default_factory=dict)
 
 
 def learning_rate(step: int, cfg: DigitsTrainConfig) -> float:
@@ -152,6 +151,7 @@ def save_weights(model: DiT, out_dir: str | Path, training: dict | None = None) 
 def training_summary(result: TrainResult) -> dict:
     """What a later reader needs to reproduce and judge a run (stored in the weights' metadata)."""
     tail = result.losses[-100:]
+    final_loss = round(sum(tail) / len(tail), 5) if tail else None
     return {"recipe": asdict(result.config), "seconds": round(result.seconds, 1),
-            "final_loss_mean_last_100": round(sum(tail) / len(tail), 5), "torch": torch.__version__,
+            "final_loss_mean_last_100": final_loss, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
