@@ -102,7 +102,7 @@ def _remove_outputs(export_dir: Path) -> None:
             path.unlink()
 
 
-def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log) -> dict:
+def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log, rebuild_command: str | None = None) -> dict:
     """TensorRT engines from the fp16 graphs (fp32 when fp16 is not built), where TensorRT and a GPU exist."""
     try:
         from . import engine
@@ -120,7 +120,7 @@ def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log) -> d
         plan_path = engine.plan_path_for(export_dir, stem)
         start = time.perf_counter()
         meta = engine.build_engine(onnx_path, plan_path, min_batch=profile.min, opt_batch=profile.opt,
-                                   max_batch=profile.max)
+                                   max_batch=profile.max, rebuild_command=rebuild_command)
         log(f"engine: {plan_path.name} from {onnx_path.name} ({time.perf_counter() - start:.1f} s)")
         plans[stem] = {"plan": plan_path.name, "onnx": onnx_path.name,
                        "tensorrt_version": meta.get("tensorrt_version"), "gpu_name": meta.get("gpu_name")}
@@ -129,26 +129,29 @@ def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log) -> d
 
 def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions=PRECISIONS,
                  max_images: int = DEFAULT_MAX_BATCH_IMAGES, opset: int | None = None, force: bool = False,
-                 sample_steps: int | None = None, model_name: str = "", log=print) -> int:
+                 sample_steps: int | None = None, model_name: str = "", rebuild_command: str | None = None,
+                 log=print) -> int:
     """Export -> validate -> engine; returns the exit code (0 passed or up to date, 1 validation failed)."""
     start = time.perf_counter()
     opset = opset or DEFAULT_OPSET
     export_dir = artifacts.ensure_writable_dir(export_dir)
     inputs = build_inputs(model.config, source, precisions, max_images, opset)
+    profile = BatchProfile.for_images(max_images, guided=model.config.has_null_class)
     if not force and (why := up_to_date(export_dir, inputs)):
         log(f"{export_dir}: up to date ({why}); use --force to rebuild")
-        return 0
+        return _add_missing_engines(export_dir, model, precisions, profile, log, rebuild_command)
     artifacts.remove_manifest(export_dir)
     _remove_outputs(export_dir)
     log(f"build: {model_name} -> {export_dir} ({', '.join(precisions)}; opset {opset}; "
         f"up to {max_images} images per request)")
     paths = export_graphs(model, export_dir, precisions=precisions, opset=opset, log=log)
     report = _validate_and_report(export_dir, model, model_name, sample_steps, opset, log)
-    profile = BatchProfile.for_images(max_images, guided=model.config.has_null_class)
-    engine = (_engine_stage(export_dir, precisions, profile, log) if report.passed
+    engine = (_engine_stage(export_dir, precisions, profile, log, rebuild_command) if report.passed
               else {"status": "skipped", "reason": "validation failed"})
     if not report.passed:
         log("engine: skipped — validation failed")
+    elif engine["status"] == "built":
+        _check_engines(export_dir, model, report, log)
     files = {}
     for path in sorted(paths.values()):
         for f in (path, *artifacts.external_data_files(path)):
@@ -174,6 +177,34 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions
     log(f"build: {'done' if report.passed else 'FAILED'} in {manifest['build_seconds']:.1f} s; "
         f"manifest {export_dir / artifacts.MANIFEST_NAME}")
     return 0 if report.passed else 1
+
+
+def _check_engines(export_dir: Path, model: DiT, report, log) -> None:
+    """ONNX Runtime vs the new TensorRT engines (Polygraphy), added to the report written beside them."""
+    from .validate import tensorrt_parity
+
+    report.tensorrt = tensorrt_parity(export_dir, model, log=log)
+    artifacts.atomic_write_json(export_dir / artifacts.REPORT_NAME, report.to_dict())
+    print(report.format())
+
+
+def _add_missing_engines(export_dir: Path, model: DiT, precisions, profile: BatchProfile, log,
+                         rebuild_command: str | None) -> int:
+    """An export validated where TensorRT was missing gets this machine's engines on its next build here."""
+    from . import engine
+
+    if engine.tensorrt_unavailable_reason() is not None:
+        return 0
+    if all(engine.plan_path_for(export_dir, stem).is_file() for stem in ("model", "cond")):
+        return 0
+    manifest = artifacts.read_manifest(export_dir)
+    log(f"engine: {export_dir} has no engine for this GPU and TensorRT version; building it")
+    manifest["engine"] = _engine_stage(export_dir, precisions, profile, log, rebuild_command)
+    from .validate import tensorrt_parity
+
+    manifest["engine"]["parity"] = parity = tensorrt_parity(export_dir, model, log=log)
+    artifacts.write_manifest(export_dir, manifest)
+    return 0 if parity.get("passed", True) else 1
 
 
 def _validate_and_report(export_dir: Path, model: DiT, model_name: str, sample_steps, opset, log):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -337,8 +338,11 @@ def cmd_build(args) -> int:
     source = describe_source(args.model, args.checkpoint)
     out = Path(args.out) if args.out else default_export_dir(args.model, args.checkpoint)
     print(f"model: {source_text}")
+    # Engine errors quote the command that rebuilds them: the one the user typed, forced.
+    argv = [a for a in sys.argv[1:] if a != "--force"] if sys.argv[1:2] == ["build"] else ["build"]
+    rebuild = " ".join(["python -m ditexport", *map(shlex.quote, argv), "--force"])
     return build_export(model, source, out, precisions=precisions, max_images=args.max_batch, opset=args.opset,
-                        force=args.force, sample_steps=args.sample_steps,
+                        force=args.force, sample_steps=args.sample_steps, rebuild_command=rebuild,
                         model_name=args.model or (Path(args.checkpoint).name if args.checkpoint else "digits"))
 
 

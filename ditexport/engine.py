@@ -59,13 +59,10 @@ def engine_profile(max_batch_images: int, guided: bool = True,
     opt defaults to max: TensorRT picks its kernels for the opt shape, and the large batches are where
     the time goes; pass `opt_batch_images` to favour interactive sizes instead.
     """
-    if max_batch_images < 1:
-        raise ValueError(f"the engine's max batch must be at least 1 image, got {max_batch_images}")
-    factor = 2 if guided else 1
-    opt_images = max_batch_images if opt_batch_images is None else opt_batch_images
-    if not 1 <= opt_images <= max_batch_images:
-        raise ValueError(f"the engine's opt batch must be between 1 and {max_batch_images} images, got {opt_images}")
-    return 1, factor * opt_images, factor * max_batch_images
+    from .export import BatchProfile
+
+    p = BatchProfile.for_images(max_batch_images, guided, opt_batch_images)
+    return p.min, p.opt, p.max
 
 
 def onnx_input_shapes(onnx_path: str | Path) -> dict[str, list[int | str]]:

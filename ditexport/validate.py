@@ -427,12 +427,14 @@ class ValidationReport:
     drift: list[dict] = field(default_factory=list)
     stress: dict | None = None
     samples: list[SampleCheck] = field(default_factory=list)
+    tensorrt: dict | None = None
     seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
         return (bool(self.checks) and all(c.passed for c in self.checks)
-                and (self.stress is None or self.stress["passed"]) and all(s.passed for s in self.samples))
+                and (self.stress is None or self.stress["passed"]) and all(s.passed for s in self.samples)
+                and (self.tensorrt is None or self.tensorrt.get("passed", True)))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -478,6 +480,13 @@ class ValidationReport:
             if s.class_agreement is not None:
                 text += f", classes agree {100 * s.class_agreement:.0f} %"
             lines.append(f"{text}  {'ok' if s.passed else 'FAILED'}")
+        if self.tensorrt and self.tensorrt["status"] == "compared":
+            for r in self.tensorrt["rows"]:
+                lines.append(f"  tensorrt {r['plan']:<17} vs {r['onnx']}: batch {r['batch']:>3} rel err "
+                             f"{r['rel_err']:.2e} max abs {r['max_abs']:.2e} (tolerance {r['tolerance']:.0e})  "
+                             f"{'ok' if r['passed'] else 'FAILED'}")
+        elif self.tensorrt:
+            lines.append(f"  tensorrt: not compared — {self.tensorrt['reason']}")
         lines.append(f"{'PASSED' if self.passed else 'FAILED'} ({self.seconds:.1f} s)")
         return "\n".join(lines)
 
@@ -545,5 +554,37 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
             report.samples = sample_parity(model, backends, labels=labels, steps=steps)
         for s in report.samples:
             log(f"validate: samples {s.file:<17} PSNR min {min(s.psnr_db):.1f} dB  {'ok' if s.passed else 'FAILED'}")
+    report.tensorrt = tensorrt_parity(export_dir, model, batches=batches, log=log)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def tensorrt_parity(export_dir: str | Path, model: DiT, *, batches=DEFAULT_BATCHES, log=print) -> dict:
+    """ONNX Runtime vs this machine's TensorRT engines in the export, side by side in Polygraphy's Comparator.
+
+    Each engine is compared with the ONNX graph it was built from, at `batches`, within that graph's
+    tolerance. Returns {"status": "skipped", "reason"} where TensorRT, a GPU or an engine is missing.
+    """
+    from . import engine
+
+    reason = engine.tensorrt_unavailable_reason(for_build=False)
+    if reason:
+        return {"status": "skipped", "reason": reason}
+    export_dir = Path(export_dir)
+    rows = []
+    for graph, stem in (("xty", "model"), ("cond", "cond")):
+        plan = engine.plan_path_for(export_dir, stem)
+        if not plan.is_file():
+            continue
+        meta = engine.read_engine_metadata(plan)
+        onnx_path = export_dir / meta["onnx_file"]
+        precision = "fp16" if ".fp16." in onnx_path.name else "fp32"
+        feeds = [{k: v.numpy() for k, v in graph_feed(model, graph, b, seed=b).items()}
+                 for b in batches if meta["batch"]["min"] <= b <= meta["batch"]["max"]]
+        for row in engine.compare_with_onnxruntime(onnx_path, plan, feeds, tolerance=TOLERANCE[precision]):
+            rows.append({**row, "plan": plan.name, "onnx": onnx_path.name, "tolerance": TOLERANCE[precision]})
+    if not rows:
+        return {"status": "skipped", "reason": "the export has no TensorRT engine for this GPU"}
+    passed = all(r["passed"] for r in rows)
+    log(f"validate: tensorrt vs onnxruntime, {len(rows)} comparisons  {'ok' if passed else 'FAILED'}")
+    return {"status": "compared", "rows": rows, "passed": passed}
