@@ -227,8 +227,7 @@ def cmd_train_digits(args) -> int:
 # ----------------------------------------------------------------------------------------------- eval
 
 def cmd_eval(args) -> int:
-    import json
-
+    from .artifacts import atomic_write_json
     from .backends import TorchBackend
     from .checkpoint import load_model
     from .zoo.digits_eval import evaluate_digits
@@ -243,12 +242,8 @@ def cmd_eval(args) -> int:
                              guidance_scale=args.cfg_scale, seed=args.seed, progress=not args.quiet)
     print(report.format())
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"model": source, **report.to_dict()}, indent=2) + "\n")
-        tmp.replace(path)
-        print(f"wrote {path}")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        print(f"wrote {atomic_write_json(args.json, {'model': source, **report.to_dict()})}")
     return 0
 
 

@@ -15,3 +15,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def no_host_sync_after_first_step(steps):
+    """A sampler `progress` wrapper: set-up may synchronise once; from the second step on, any host sync raises."""
+    try:
+        for i, step in enumerate(steps):
+            if i == 1:
+                torch.cuda.set_sync_debug_mode("error")
+            yield step
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

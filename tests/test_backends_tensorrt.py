@@ -1,6 +1,7 @@
 """The TensorRT backend: error paths on any machine; parity with ONNX Runtime, graphs and syncs on a GPU."""
 import pytest
 import torch
+from conftest import no_host_sync_after_first_step
 
 from ditexport.cli import main
 from ditexport.engine import EngineError, tensorrt_unavailable_reason
@@ -126,16 +127,9 @@ def test_tensorrt_sampling_has_no_host_sync_per_step_and_matches_onnxruntime(tin
     labels = torch.tensor([1, 4])
     sampler.sample(backend, labels, seed=0, input_size=cfg.input_size, device="cuda")  # captures the graph
 
-    def strict_after_first(steps):
-        for i, step in enumerate(steps):
-            if i == 1:
-                torch.cuda.set_sync_debug_mode("error")
-            yield step
-        torch.cuda.set_sync_debug_mode("default")
-
     try:
         got = sampler.sample(backend, labels, seed=0, input_size=cfg.input_size, device="cuda",
-                             progress=strict_after_first)
+                             progress=no_host_sync_after_first_step)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     reference = OnnxRuntimeBackend(paths["fp32"], cfg, providers=["CPUExecutionProvider"])
