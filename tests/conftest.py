@@ -3,9 +3,9 @@ import pytest
 import torch
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_torch_thread():
-    """Runs a test with one torch thread, restoring the count after.
+    """Runs a test module with one torch thread, restoring the count after.
 
     On the shared 2-core development machine a second torch thread waiting for a busy core made small-model
     tests 4-15x slower (a 100-sample digits test: 106 s with 2 threads, 23 s with 1); on an idle machine one

@@ -14,15 +14,8 @@ from ditexport.cli import main
 TINY = ["--model", "DiT-tiny/2", "--sample-steps", "3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """These models are tiny: one torch thread is faster than two, and immune to a busy second core."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These models are tiny: one torch thread is faster than two, and immune to a busy second core.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(capsys, *args) -> tuple[int, str, str]:

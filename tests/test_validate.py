@@ -20,15 +20,8 @@ from ditexport.validate import (FP16_MAX, SAMPLE_PSNR_FLOOR, ValidationReport, c
 CPU = ["CPUExecutionProvider"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """These models are tiny: one torch thread is faster than two, and immune to a busy second core."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These models are tiny: one torch thread is faster than two, and immune to a busy second core.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_relative_error_and_non_finite_values():
