@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .backends.base import resolve_device, synchronize
 from .errors import DitexportError
 from .model import DiT, DiTConfig
 
@@ -82,16 +83,11 @@ def dit_forward_flops(cfg: DiTConfig, batch: int = 1) -> int:
 
 # ---------------------------------------------------------------------------------------- timing
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_calls(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
     """Milliseconds of each of `iters` calls after `warmup` untimed ones (CUDA events on a GPU)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
         for start, end in events:
@@ -148,10 +144,10 @@ def sampler_step_ms(cfg: DiTConfig, batch: int, guided: bool, device: torch.devi
         sampler.run(network, x_T.to(device), labels, noise)  # warm-up (allocator, kernels)
         best = math.inf
         for _ in range(3):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             sampler.run(network, x_T.to(device), labels, noise)
-            _sync(device)
+            synchronize(device)
             best = min(best, time.perf_counter() - start)
         elapsed.append(best)
     return max(0.0, 1000 * (elapsed[1] - elapsed[0]) / (steps[1] - steps[0]))
@@ -330,14 +326,6 @@ def _rows(settings: BenchSettings) -> list[tuple[int, bool]]:
     return rows
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DitexportError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
 def run_bench(model: DiT, source: str, settings: BenchSettings, log=print) -> dict:
     """Measures every backend on `model`; returns the JSON-ready report (see the module docstring)."""
     for b in settings.batch_sizes:
@@ -435,10 +423,10 @@ def _end_to_end(backend, name: str, ctx: BenchContext, report: dict) -> dict:
     sampler = Sampler(SamplerConfig(num_steps=steps), cfg.in_channels, cfg.num_classes, cfg.learn_sigma)
     labels = torch.zeros(1, dtype=torch.int64)
     sampler.sample(backend, labels, seed=0, input_size=cfg.input_size, device=device)  # warm (graphs exist)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     sampler.sample(backend, labels, seed=1, input_size=cfg.input_size, device=device)
-    _sync(device)
+    synchronize(device)
     measured = time.perf_counter() - start
     forward_ms = {(r["batch"], r["guided"]): r["ms_per_forward"] for r in report["results"]
                   if r["backend"] == name}.get((2, True))

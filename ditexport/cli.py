@@ -57,13 +57,10 @@ def sampler_config(args):
 
 
 def resolve_device(name: str):
-    import torch
+    """backends.base.resolve_device, imported late so that `--help` does not import torch."""
+    from .backends.base import resolve_device as resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DitexportError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    return resolve(name)
 
 
 # ----------------------------------------------------------------------------------------------- info

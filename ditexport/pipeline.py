@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .backends.base import Backend
+from .backends.base import Backend, synchronize
 from .diffusion import Sampler, SamplerConfig
 
 VAE_SCALE = 0.18215  # the SD VAE latent scale used by DiT
@@ -62,11 +62,6 @@ class SampleResult:
         return 1000 * self.sampler_s / self.steps
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Pipeline:
     """Sampler + backend + decoder. The backend decides where the chain runs."""
 
@@ -93,10 +88,10 @@ class Pipeline:
             from tqdm.auto import tqdm
             wrap = lambda it: tqdm(it, desc=f"sampling ({self.backend.name})", unit="step", leave=False)
         y = torch.tensor([int(v) for v in labels], dtype=torch.int64)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         x0 = sampler.sample(self.backend, y, seed, self.config.input_size, device=device, progress=wrap)
-        _sync(device)
+        synchronize(device)
         sampled = time.perf_counter()
         images = self.decoder(x0)
         images = ((images.float().clamp(-1, 1) + 1) / 2).cpu()

@@ -3,7 +3,23 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import DitexportError
 from ..model import DiTConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    """A `--device` value (cpu, cuda, cuda:N or auto) as a torch device; cuda without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DitexportError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for queued GPU work, so that a host timer measures it; nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Backend:
