@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .artifacts import atomic_path
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) floats in [0, 1] -> (N, H, W, C) uint8."""
@@ -38,7 +40,6 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, u
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

@@ -9,13 +9,13 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..artifacts import atomic_path, atomic_write_json
 from ..model import DiT, get_config
 
 DEFAULT_OUT = Path(__file__).parent / "digits"
@@ -137,14 +137,9 @@ def save_weights(model: DiT, out_dir: str | Path, training: dict | None = None) 
         metadata["training"] = json.dumps(training)
     tensors = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}
     path = out_dir / "weights.safetensors"
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)  # safetensors creates its file owner-only; a shipped file must be readable by all
-    tmp.replace(path)
-    config_path = out_dir / "config.json"
-    tmp = config_path.with_name(config_path.name + ".tmp")
-    tmp.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    tmp.replace(config_path)
+    with atomic_path(path) as tmp:  # published with a plain file's permissions: a shipped file is readable by all
+        save_file(tensors, str(tmp), metadata=metadata)
+    atomic_write_json(out_dir / "config.json", model.config.to_dict())
     return path
 
 
