@@ -364,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images when --classes is not given, cycling through the classes (default: 8)")
     p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default: cpu)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16 needs CUDA or an fp16 export")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="torch: fp16 on any device (fp16 on the CPU is slow but correct); onnxruntime/tensorrt: "
+                        "the export's graph of this precision (default: fp32)")
     p.add_argument("--max-batch", type=positive_int, default=None, help="split forwards above this batch")
     p.add_argument("--cuda-graph", action="store_true",
                    help="torch on CUDA: capture the forward in a CUDA graph per batch size and replay it")

@@ -29,15 +29,37 @@ class EngineError(DitexportError):
 
 # ---------------------------------------------------------------------------------------- availability
 
+# 10.1 added what the backend calls: set_device_memory(ptr, size) and get_device_memory_size_for_profile_v2.
+MIN_TENSORRT_VERSION = (10, 1)
+
+
+def tensorrt_version_problem(version: str | None) -> str | None:
+    """Why an imported TensorRT of this version cannot run ditexport's engines, or None when it can."""
+    if not version:
+        # `tensorrt-stubs` alone installs a `tensorrt` folder of .pyi files, which imports as an empty namespace.
+        return f"tensorrt is not installed, only something without a version (type stubs?) ({TENSORRT_INSTALL_HINT})"
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        return f"cannot read the TensorRT version {version!r}; ditexport needs TensorRT 10.1 or newer"
+    if (int(match[1]), int(match[2])) < MIN_TENSORRT_VERSION:
+        return (f"TensorRT {version} is too old: ditexport needs TensorRT 10.1 or newer "
+                f"(set_device_memory with a size and per-profile memory sizes arrived in 10.1)")
+    return None
+
+
 def tensorrt_unavailable_reason(for_build: bool = True) -> str | None:
-    """None when TensorRT imports and torch sees a CUDA GPU (and, to build, Polygraphy imports); else why not."""
+    """None when TensorRT >= 10.1 imports and torch sees a CUDA GPU (and, to build, Polygraphy imports); else why not."""
     reasons = []
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except ImportError:
         reasons.append(f"tensorrt is not installed ({TENSORRT_INSTALL_HINT})")
     except Exception as e:  # a wheel whose CUDA libraries do not load raises OSError and friends
         reasons.append(f"tensorrt failed to import ({type(e).__name__}: {e})")
+    else:
+        problem = tensorrt_version_problem(getattr(tensorrt, "__version__", None))
+        if problem:
+            reasons.append(problem)
     if for_build:
         try:
             import polygraphy  # noqa: F401
@@ -48,6 +70,12 @@ def tensorrt_unavailable_reason(for_build: bool = True) -> str | None:
     if not torch.cuda.is_available():
         reasons.append("no CUDA GPU is visible to torch")
     return "; ".join(reasons) or None
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------- profile
@@ -65,14 +93,37 @@ def engine_profile(max_batch_images: int, guided: bool = True,
     return p.min, p.opt, p.max
 
 
-def onnx_input_shapes(onnx_path: str | Path) -> dict[str, list[int | str]]:
-    """Each graph input's shape, a symbolic or unknown dimension given as its name (or "?")."""
+def batch_profiles(opt_batches) -> list[tuple[int, int, int]]:
+    """One (min, opt, max) profile per batch in `opt_batches`: each covers the batches above the previous one
+    up to its own, which is its opt (and max), so every batch from 1 up runs on kernels chosen near its size."""
+    batches = sorted(set(int(b) for b in opt_batches))
+    if not batches or batches[0] < 1:
+        raise ValueError(f"profile batches must be at least 1, got {list(opt_batches)}")
+    lows = [1] + [b + 1 for b in batches[:-1]]
+    return [(lo, b, b) for lo, b in zip(lows, batches)]
+
+
+def profile_for_batch(ranges: list[tuple[int, int, int]], batch: int) -> int:
+    """The index of the profile that runs `batch`: one whose range holds it, the nearest opt first."""
+    fits = [i for i, (lo, _, hi) in enumerate(ranges) if lo <= batch <= hi]
+    if not fits:
+        raise EngineError(f"no optimization profile of the engine takes batch {batch}; its profiles are "
+                          f"{', '.join(f'{lo}..{hi}' for lo, _, hi in ranges)}")
+    return min(fits, key=lambda i: abs(ranges[i][1] - batch))
+
+
+def _onnx_header(onnx_path: str | Path):
     import onnx
 
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
+        return onnx.load(str(onnx_path), load_external_data=False)
     except Exception as e:
         raise EngineError(f"cannot read ONNX file {onnx_path}: {e}") from None
+
+
+def onnx_input_shapes(onnx_path: str | Path, model=None) -> dict[str, list[int | str]]:
+    """Each graph input's shape, a symbolic or unknown dimension given as its name (or "?")."""
+    model = model if model is not None else _onnx_header(onnx_path)
     initializers = {init.name for init in model.graph.initializer}
     shapes = {}
     for value in model.graph.input:
@@ -81,6 +132,18 @@ def onnx_input_shapes(onnx_path: str | Path) -> dict[str, list[int | str]]:
         dims = value.type.tensor_type.shape.dim
         shapes[value.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
     return shapes
+
+
+def onnx_precision(onnx_path: str | Path, model=None) -> str:
+    """The precision an export wrote into the graph's metadata; from the file name for graphs without it."""
+    model = model if model is not None else _onnx_header(onnx_path)
+    props = {p.key: p.value for p in model.metadata_props}
+    return props.get("ditexport.precision") or ("fp16" if ".fp16." in Path(onnx_path).name else "fp32")
+
+
+def plan_precision(metadata: dict) -> str:
+    """What a plan computes in: the precision of the graph it was built from (strong typing keeps it)."""
+    return metadata.get("precision") or ("fp16" if ".fp16." in metadata.get("onnx_file", "") else "fp32")
 
 
 def profile_shapes(input_shapes: dict[str, list[int | str]], min_batch: int, opt_batch: int,
@@ -129,12 +192,14 @@ def metadata_path(plan_path: str | Path) -> Path:
 
 # ---------------------------------------------------------------------------------------- environment
 
-def current_environment() -> dict:
-    """What a plan is tied to on this machine: the TensorRT version and the GPU (name, compute capability)."""
+def current_environment(device=None) -> dict:
+    """What a plan is tied to on this machine: the TensorRT version and the GPU (name, compute capability) of
+    `device` (torch's current device when None)."""
     import tensorrt as trt
     import torch
 
-    index = torch.cuda.current_device()
+    index = torch.device(device).index if device is not None else None
+    index = torch.cuda.current_device() if index is None else index
     major, minor = torch.cuda.get_device_capability(index)
     return {"tensorrt_version": trt.__version__, "gpu_name": torch.cuda.get_device_name(index),
             "compute_capability": f"{major}.{minor}"}
@@ -233,12 +298,16 @@ def check_onnx_unchanged(metadata: dict, onnx_path: str | Path) -> None:
 
 def engine_metadata(*, plan_path: Path, plan_bytes: bytes, onnx_path: Path, environment: dict, profile: dict,
                     batch: tuple[int, int, int], builder_optimization_level: int, build_seconds: float,
-                    timing_cache_path: Path | None, rebuild_command: str | None = None) -> dict:
-    """The JSON written beside a plan."""
+                    timing_cache_path: Path | None, rebuild_command: str | None = None,
+                    profiles: list[dict] | None = None, batch_ranges: list[tuple[int, int, int]] | None = None,
+                    precision: str | None = None) -> dict:
+    """The JSON written beside a plan; `profile`/`batch` describe the first optimization profile and
+    `profiles`/`batch_profiles` all of them (one unless the build asked for several)."""
     import hashlib
 
     from . import __version__
 
+    ranges = batch_ranges or [batch]
     return {
         "format": METADATA_FORMAT,
         "plan_file": plan_path.name,
@@ -246,10 +315,14 @@ def engine_metadata(*, plan_path: Path, plan_bytes: bytes, onnx_path: Path, envi
         "plan_bytes": len(plan_bytes),
         "onnx_file": onnx_path.name,
         "onnx_sha256": sha256_file(onnx_path),
+        "precision": precision or onnx_precision(onnx_path),
         **environment,
         "strongly_typed": True,
         "profile": profile,
-        "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+        "profiles": profiles or [profile],
+        # The batches the whole engine takes (min and max over its profiles; opt of the first profile).
+        "batch": {"min": min(r[0] for r in ranges), "opt": ranges[0][1], "max": max(r[2] for r in ranges)},
+        "batch_profiles": [list(r) for r in ranges],
         "builder_optimization_level": builder_optimization_level,
         "timing_cache": str(timing_cache_path) if timing_cache_path else None,
         "build_seconds": round(build_seconds, 2),
@@ -261,49 +334,56 @@ def engine_metadata(*, plan_path: Path, plan_bytes: bytes, onnx_path: Path, envi
 
 # ---------------------------------------------------------------------------------------- build and load
 
-def build_engine(onnx_path: str | Path, plan_path: str | Path, *, min_batch: int, opt_batch: int, max_batch: int,
-                 builder_optimization_level: int = 3, timing_cache_path: str | Path | None = None,
-                 rebuild_command: str | None = None) -> dict:
+def _device_scope(device):
+    """Enters `device` (a CUDA torch device) for TensorRT calls, which act on the current device."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(device) if device is not None else contextlib.nullcontext()
+
+
+def build_engine(onnx_path: str | Path, plan_path: str | Path, *, min_batch: int | None = None,
+                 opt_batch: int | None = None, max_batch: int | None = None,
+                 batch_ranges: list[tuple[int, int, int]] | None = None, builder_optimization_level: int = 3,
+                 timing_cache_path: str | Path | None = None, rebuild_command: str | None = None,
+                 device=None) -> dict:
     """Builds a strongly typed engine from an ONNX file, writes the plan and its metadata; returns the metadata.
 
-    The timing cache defaults to the export root (the parent of the plan's directory), named after the
-    GPU and TensorRT version, and is loaded and extended by every build there.
+    One optimization profile (min_batch, opt_batch, max_batch), or one per (min, opt, max) in `batch_ranges`
+    (see `batch_profiles`). The timing cache defaults to the export root (the parent of the plan's
+    directory), named after the GPU and TensorRT version, and is loaded and extended by every build there.
+    Every failure on the TensorRT side is an EngineError.
     """
     reason = tensorrt_unavailable_reason(for_build=True)
     if reason:
         raise EngineError(f"cannot build a TensorRT engine: {reason}")
-    from polygraphy.backend.trt import (CreateConfig, Profile, engine_bytes_from_network,
-                                        network_from_onnx_path)
-
+    if batch_ranges is None:
+        if min_batch is None or opt_batch is None or max_batch is None:
+            raise ValueError("build_engine needs min_batch, opt_batch and max_batch, or batch_ranges")
+        batch_ranges = [(min_batch, opt_batch, max_batch)]
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise EngineError(f"ONNX file not found: {onnx_path}; export it with: python -m ditexport build")
-    profile = profile_shapes(onnx_input_shapes(onnx_path), min_batch, opt_batch, max_batch)
-    env = current_environment()
-    if timing_cache_path is None:
-        timing_cache_path = plan_path.resolve().parent.parent / timing_cache_filename(env["gpu_name"],
-                                                                                      env["tensorrt_version"])
-    timing_cache_path = Path(timing_cache_path)
-    timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
-
-    trt_profile = Profile()
-    for name, shapes in profile.items():
-        trt_profile.add(name, min=shapes["min"], opt=shapes["opt"], max=shapes["max"])
-    # Never Polygraphy's fp16 option: the graph's own types decide precision (strong typing).
-    config = CreateConfig(profiles=[trt_profile], builder_optimization_level=builder_optimization_level,
-                          load_timing_cache=str(timing_cache_path) if timing_cache_path.is_file() else None)
-    network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
-    start = time.perf_counter()
-    try:
-        plan = engine_bytes_from_network(network, config=config, save_timing_cache=str(timing_cache_path))
-    except Exception as e:  # Polygraphy reports parser and builder failures as PolygraphyException
-        raise EngineError(f"TensorRT could not build {onnx_path}: {e}") from None
-    seconds = time.perf_counter() - start
-    plan = bytes(plan)
+    header = _onnx_header(onnx_path)
+    shapes, precision = onnx_input_shapes(onnx_path, header), onnx_precision(onnx_path, header)
+    del header
+    profiles = [profile_shapes(shapes, *r) for r in batch_ranges]
+    with _device_scope(device):
+        env = current_environment(device)
+        if timing_cache_path is None:
+            timing_cache_path = plan_path.resolve().parent.parent / timing_cache_filename(env["gpu_name"],
+                                                                                          env["tensorrt_version"])
+        timing_cache_path = Path(timing_cache_path)
+        timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        plan = plan_bytes_from_onnx(onnx_path, profiles, builder_optimization_level, timing_cache_path)
+        seconds = time.perf_counter() - start
     meta = engine_metadata(plan_path=plan_path, plan_bytes=plan, onnx_path=onnx_path, environment=env,
-                           profile=profile, batch=(min_batch, opt_batch, max_batch),
-                           builder_optimization_level=builder_optimization_level, build_seconds=seconds,
-                           timing_cache_path=timing_cache_path, rebuild_command=rebuild_command)
+                           profile=profiles[0], batch=batch_ranges[0], profiles=profiles, batch_ranges=batch_ranges,
+                           precision=precision, builder_optimization_level=builder_optimization_level,
+                           build_seconds=seconds, timing_cache_path=timing_cache_path,
+                           rebuild_command=rebuild_command)
     # The plan first, then its metadata: a plan without metadata is refused at load, never trusted.
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     metadata_path(plan_path).unlink(missing_ok=True)
@@ -311,6 +391,27 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, min_batch: int
         tmp.write_bytes(plan)
     atomic_write_json(metadata_path(plan_path), meta)
     return meta
+
+
+def plan_bytes_from_onnx(onnx_path: Path, profiles: list[dict], builder_optimization_level: int,
+                         timing_cache_path: Path) -> bytes:
+    """Parses and builds through Polygraphy; whatever fails there (parser, builder, the install) is an EngineError."""
+    try:
+        from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+        trt_profiles = []
+        for shapes in profiles:
+            trt_profile = Profile()
+            for name, s in shapes.items():
+                trt_profile.add(name, min=s["min"], opt=s["opt"], max=s["max"])
+            trt_profiles.append(trt_profile)
+        # Never Polygraphy's fp16 option: the graph's own types decide precision (strong typing).
+        config = CreateConfig(profiles=trt_profiles, builder_optimization_level=builder_optimization_level,
+                              load_timing_cache=str(timing_cache_path) if timing_cache_path.is_file() else None)
+        network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+        return bytes(EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache_path))())
+    except Exception as e:  # PolygraphyException for parser and builder failures; anything from a broken install
+        raise EngineError(f"TensorRT could not build {onnx_path}: {one_line(e)}") from None
 
 
 def compare_with_onnxruntime(onnx_path: str | Path, plan_path: str | Path, feeds: list[dict],
@@ -321,15 +422,22 @@ def compare_with_onnxruntime(onnx_path: str | Path, plan_path: str | Path, feeds
     output, ‖trt − ort‖/‖ort‖, the max abs difference, finiteness and pass/fail against `tolerance`.
     """
     import numpy as np
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.backend.trt import TrtRunner
-    from polygraphy.comparator import Comparator
 
     _, engine, _ = load_engine(plan_path)
-    ort_runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))
-    trt_runner = TrtRunner(engine)
-    results = Comparator.run([ort_runner, trt_runner], data_loader=feeds)
-    ort_outputs, trt_outputs = results[ort_runner.name], results[trt_runner.name]  # one dict per iteration
+    try:
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+        from polygraphy.backend.trt import TrtRunner
+        from polygraphy.comparator import Comparator, RunResults
+
+        ort_runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))
+        trt_runner = TrtRunner(engine)
+        results = Comparator.run([ort_runner, trt_runner], data_loader=feeds)
+        if not isinstance(results, RunResults):  # a generator only with streaming=True; narrows the type too
+            raise TypeError(f"Comparator.run returned {type(results).__name__}, not RunResults")
+        ort_outputs, trt_outputs = results[ort_runner.name], results[trt_runner.name]  # one dict per iteration
+    except Exception as e:
+        raise EngineError(f"Polygraphy could not compare {Path(plan_path).name} with ONNX Runtime: "
+                          f"{one_line(e)}") from None
     rows = []
     for i, (expected, got) in enumerate(zip(ort_outputs, trt_outputs)):
         for name in expected.keys():
@@ -342,10 +450,9 @@ def compare_with_onnxruntime(onnx_path: str | Path, plan_path: str | Path, feeds
     return rows
 
 
-def load_engine(plan_path: str | Path, *, verify: bool = True, onnx_path: str | Path | None = None):
-    """Deserialises a plan after checking its metadata against this machine; returns (runtime, engine, metadata).
-
-    The runtime is returned because the engine must not outlive it.
+def load_engine(plan_path: str | Path, *, verify: bool = True, onnx_path: str | Path | None = None, device=None):
+    """Deserialises a plan on `device` (default: the current one) after checking its metadata against that GPU;
+    returns (runtime, engine, metadata). The runtime is returned because the engine must not outlive it.
     """
     reason = tensorrt_unavailable_reason(for_build=False)
     if reason:
@@ -354,14 +461,19 @@ def load_engine(plan_path: str | Path, *, verify: bool = True, onnx_path: str | 
 
     plan_path = Path(plan_path)
     meta = read_engine_metadata(plan_path)
-    for warning in check_engine_compatibility(meta, current_environment(), plan_path.name):
-        print(f"warning: {warning}")
-    if verify:
-        verify_plan_file(plan_path, meta)
-    if onnx_path is not None:
-        check_onnx_unchanged(meta, onnx_path)
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
+    with _device_scope(device):
+        for warning in check_engine_compatibility(meta, current_environment(device), plan_path.name):
+            print(f"warning: {warning}")
+        if verify:
+            verify_plan_file(plan_path, meta)
+        if onnx_path is not None:
+            check_onnx_unchanged(meta, onnx_path)
+        try:
+            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        except Exception as e:  # the bindings raise for some broken plans instead of returning None
+            raise EngineError(f"TensorRT could not deserialise {plan_path}: {one_line(e)}; rebuild it with: "
+                              f"{meta.get('rebuild_command') or REBUILD_COMMAND}") from None
     if engine is None:
         raise EngineError(f"TensorRT could not deserialise {plan_path} (see its log above); rebuild it with: "
                           f"{meta.get('rebuild_command') or REBUILD_COMMAND}")

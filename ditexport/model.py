@@ -125,7 +125,9 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # float32, as in the official code
+        # A half-precision MLP needs its input in its own dtype; in float32 this cast is a no-op.
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

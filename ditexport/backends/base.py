@@ -1,6 +1,8 @@
 """The backend interface shared by every runtime."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import DitexportError
@@ -14,6 +16,11 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DitexportError("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device(name)
+
+
+def device_scope(device: torch.device):
+    """Makes `device` torch's current CUDA device (for calls that act on the current one); nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def synchronize(device: torch.device) -> None:

@@ -15,15 +15,31 @@ def fresh_float32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype != torch.float32 else t.clone()
 
 
+def run_ordered(stream: torch.cuda.Stream, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    """`fn(*inputs)` on a backend's own `stream`, after the caller's queued work and before the caller's next.
+
+    One stream per backend keeps its replays and its shared buffers in one order whichever stream (or thread)
+    calls, and keeps TensorRT off the legacy default stream. `fn` returns a fresh tensor; allocated on
+    `stream`, it is marked as used by the caller's stream so that its memory is not reused too early.
+    """
+    caller = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(caller)
+    with torch.cuda.stream(stream):
+        out = fn(*inputs)
+    caller.wait_stream(stream)
+    out.record_stream(caller)
+    return out
+
+
 class CapturedForward:
-    """`fn(*static_inputs) -> outputs` captured once for fixed shapes; calling it copies inputs in and replays.
+    """`fn(*static_inputs) -> output` captured once for fixed shapes; calling it copies inputs in and replays.
 
     Warm-up runs on a side stream, as CUDA graph capture requires (lazy initialisation such as cuBLAS
     handles, TensorRT's first-enqueue set-up and autotuning must happen before capture). The returned
-    outputs are the graph's static buffers: callers copy them before the next call.
+    output is the graph's static buffer: callers copy it before the next call, and call from one stream.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]], example_inputs: Sequence[torch.Tensor],
+    def __init__(self, fn: Callable[..., torch.Tensor], example_inputs: Sequence[torch.Tensor],
                  warmup: int = 2, *, inputs_are_static: bool = False):
         device = example_inputs[0].device
         if device.type != "cuda":
@@ -32,18 +48,20 @@ class CapturedForward:
         # inputs, e.g. the buffers a TensorRT context is bound to; otherwise they are copied.
         self.static_inputs = list(example_inputs) if inputs_are_static else \
             [x.clone(memory_format=torch.contiguous_format) for x in example_inputs]
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(*self.static_inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread (a demo's other request) using CUDA meanwhile must not void the capture.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.static_outputs = fn(*self.static_inputs)
+        with torch.cuda.device(device):  # capture, streams and graph memory on the tensors' GPU, not the current one
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn(*self.static_inputs)
+            self.graph = torch.cuda.CUDAGraph()
+            # An explicit capture stream: torch's default one is created once, on whichever GPU was current.
+            # thread_local: another thread (a demo's other request) using CUDA meanwhile must not void the capture.
+            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+                self.static_outputs = fn(*self.static_inputs)
+            torch.cuda.current_stream(device).wait_stream(side)
 
-    def __call__(self, *inputs: torch.Tensor):
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for static, x in zip(self.static_inputs, inputs):
             static.copy_(x, non_blocking=True)
         self.graph.replay()
@@ -57,7 +75,7 @@ class GraphCache:
         self.warmup = warmup
         self._captured: dict[tuple, CapturedForward] = {}
 
-    def __call__(self, key: str, fn: Callable, *inputs: torch.Tensor):
+    def __call__(self, key: str, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         cache_key = (key, *(tuple(x.shape) for x in inputs))
         captured = self._captured.get(cache_key)
         if captured is None:
