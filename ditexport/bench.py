@@ -254,14 +254,14 @@ def _onnxruntime_backend(ctx: BenchContext, name: str):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise Skip("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu); "
                        "the CPU provider is benchmarked with --device cpu")
-        providers = ["CUDAExecutionProvider"]
+        providers = ["CUDAExecutionProvider"]  # TF32 off and the bench's GPU: see OnnxRuntimeBackend
     precision = name.rsplit("-", 1)[1]
-    return OnnxRuntimeBackend(ctx.onnx(precision), ctx.model.config, providers=providers)
+    return OnnxRuntimeBackend(ctx.onnx(precision), ctx.model.config, providers=providers, device=ctx.device)
 
 
 def _tensorrt_backend(ctx: BenchContext, name: str):
-    from .engine import (EngineError, build_engine, engine_profile, find_plan, plan_path_for,
-                         tensorrt_unavailable_reason, timing_cache_filename, current_environment)
+    from .engine import (batch_profiles, build_engine, current_environment, find_plan, plan_path_for,
+                         tensorrt_unavailable_reason, timing_cache_filename)
 
     reason = tensorrt_unavailable_reason(for_build=ctx.settings.export_dir is None)
     if reason:
@@ -270,41 +270,39 @@ def _tensorrt_backend(ctx: BenchContext, name: str):
         raise Skip("TensorRT runs on the GPU; this run benchmarks the CPU (--device cpu)")
     from .backends.tensorrt_backend import TensorRTBackend
 
+    env = current_environment(ctx.device)
     if ctx.settings.export_dir is not None:
-        plan = find_plan(ctx.export_dir)
+        plan = find_plan(ctx.export_dir, environment=env)  # built by `build`: one profile, opt at its max
     else:
-        plan = plan_path_for(ctx.export_dir)
+        plan = plan_path_for(ctx.export_dir, environment=env)
         fp16 = ctx.onnx("fp16")
-        lo, opt, hi = engine_profile(math.ceil(ctx.max_batch / 2))
-        if _usable_plan(plan, fp16, hi, ctx.settings.builder_optimization_level):
+        # One optimization profile per timed batch, its opt at that batch: each row is timed on kernels
+        # chosen for its own size, in one plan (see docs/gpu.md).
+        ranges = batch_profiles(b for b, _ in _rows(ctx.settings))
+        if _usable_plan(plan, fp16, ranges, ctx.settings.builder_optimization_level, env):
             ctx.log(f"  found cached engine {plan}")
         else:
-            env = current_environment()
-            ctx.log(f"  building {plan.name} (batch {lo}..{hi}, opt {opt}, builder level "
-                    f"{ctx.settings.builder_optimization_level}) ...")
-            try:
-                meta = build_engine(fp16, plan, min_batch=lo, opt_batch=opt, max_batch=hi,
-                                    builder_optimization_level=ctx.settings.builder_optimization_level,
-                                    timing_cache_path=Path(ctx.settings.out_dir) / timing_cache_filename(
-                                        env["gpu_name"], env["tensorrt_version"]))
-            except EngineError as e:
-                raise Skip(str(e)) from None
+            ctx.log(f"  building {plan.name} (profiles {', '.join(f'{lo}..{hi}' for lo, _, hi in ranges)}, "
+                    f"builder level {ctx.settings.builder_optimization_level}) ...")
+            meta = build_engine(fp16, plan, batch_ranges=ranges, device=ctx.device,
+                                builder_optimization_level=ctx.settings.builder_optimization_level,
+                                timing_cache_path=Path(ctx.settings.out_dir) / timing_cache_filename(
+                                    env["gpu_name"], env["tensorrt_version"]))
             ctx.log(f"  built in {meta['build_seconds']:.0f} s")
     return TensorRTBackend(plan, ctx.model.config, device=ctx.device)
 
 
-def _usable_plan(plan: Path, onnx_path: Path, max_batch: int, level: int) -> bool:
-    """Whether an earlier bench's plan was built here, from this very ONNX, for at least this batch."""
-    from .engine import (EngineError, check_engine_compatibility, check_onnx_unchanged, current_environment,
-                         read_engine_metadata)
+def _usable_plan(plan: Path, onnx_path: Path, ranges: list, level: int, env: dict) -> bool:
+    """Whether an earlier bench's plan was built here, from this very ONNX, with these profiles."""
+    from .engine import EngineError, check_engine_compatibility, check_onnx_unchanged, read_engine_metadata
 
     try:
         meta = read_engine_metadata(plan)
-        check_engine_compatibility(meta, current_environment())
+        check_engine_compatibility(meta, env)
         check_onnx_unchanged(meta, onnx_path)
     except EngineError:
         return False
-    return meta["batch"]["max"] >= max_batch and meta.get("builder_optimization_level") == level
+    return meta.get("batch_profiles") == [list(r) for r in ranges] and meta.get("builder_optimization_level") == level
 
 
 def make_bench_backend(ctx: BenchContext, name: str):
@@ -355,7 +353,7 @@ def run_bench(model: DiT, source: str, settings: BenchSettings, log=print) -> di
         "method": __doc__.split("\n\n", 1)[1].strip().replace("\n", " "),
         "matmul_fp16_tflops": None,
         "sampler_ms_per_step": {},
-        "results": [], "end_to_end": [], "skipped": [],
+        "results": [], "end_to_end": [], "skipped": [], "failed": [],
     }
     if gpu:
         report["matmul_fp16_tflops"] = fp16_matmul_tflops(device, settings.matmul_size)
@@ -367,23 +365,32 @@ def run_bench(model: DiT, source: str, settings: BenchSettings, log=print) -> di
 
     for name in names:
         log(f"{name}:")
-        try:
-            backend = make_bench_backend(ctx, name)
-        except Skip as e:
-            log(f"  skipped — {e}")
-            report["skipped"].append({"backend": name, "reason": str(e)})
-            continue
-        try:
-            _measure_backend(backend, name, rows, ctx, report, log)
-        finally:
-            backend.close()
-            del backend
-            if name == "torch-compile":
-                torch._dynamo.reset()  # compiled graphs hold the model copy (and its GPU memory) until reset
-            if gpu:
-                torch.cuda.empty_cache()
+        _run_isolated(name, rows, ctx, report, log)
+        if name == "torch-compile":
+            torch._dynamo.reset()  # compiled graphs hold the model copy (and its GPU memory) until reset
+        if gpu:
+            torch.cuda.empty_cache()
     _add_ratios(report)
     return report
+
+
+def _run_isolated(name: str, rows, ctx: BenchContext, report: dict, log) -> None:
+    """One backend, made and measured; a failure anywhere is its row's error, and the bench goes on."""
+    from .engine import one_line
+
+    backend = None
+    try:
+        backend = make_bench_backend(ctx, name)
+        _measure_backend(backend, name, rows, ctx, report, log)
+    except Skip as e:
+        log(f"  skipped — {e}")
+        report["skipped"].append({"backend": name, "reason": str(e)})
+    except Exception as e:  # isolation is the point: any failure of one runtime must not end the bench
+        log(f"  FAILED — {one_line(e)}")
+        report["failed"].append({"backend": name, "error": one_line(e)})
+    finally:
+        if backend is not None:
+            backend.close()
 
 
 def _measure_backend(backend, name, rows, ctx: BenchContext, report: dict, log) -> None:
@@ -480,7 +487,7 @@ def _machine(device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------- output
 
 def format_table(report: dict) -> str:
-    """The short table printed last: one line per backend and batch."""
+    """The short table printed last: one line per backend and batch, then one per failed backend."""
     lines = [f"{'backend':<18} {'prec':<5} {'batch':>5} {'ms/fwd':>9} {'img/s@250':>10} {'img/s@50':>9} "
              f"{'%fp16':>6} {'x eager':>8}"]
     for r in report["results"]:
@@ -489,6 +496,8 @@ def format_table(report: dict) -> str:
         lines.append(f"{r['backend']:<18} {r['precision']:<5} {_row_key(r['batch'], r['guided']):>5} "
                      f"{r['ms_per_forward']:>9.3f} {r['images_per_s_250']:>10.3g} {r['images_per_s_50']:>9.3g} "
                      f"{pct:>6} {ratio:>8}")
+    for failed in report.get("failed", []):
+        lines.append(f"{failed['backend']:<18} FAILED: {failed['error']}")
     return "\n".join(lines)
 
 

@@ -312,9 +312,7 @@ def cmd_export_vae(args) -> int:
             raise DitexportError(f"--image-size {args.image_size} is not a multiple of the VAE's factor {factor}")
         latent_size = args.image_size // factor
     precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
-    report = export_vae(args.vae, args.out, latent_size=latent_size, precisions=precisions,
-                        max_batch_images=args.max_batch, opset=args.opset, engine=not args.no_engine,
-                        builder_optimization_level=args.builder_optimization_level)
+    report = export_vae(args.vae, args.out, latent_size=latent_size, precisions=precisions, opset=args.opset)
     return 0 if report["passed"] else 1
 
 
@@ -460,21 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="exports/bench", help="output directory (default: exports/bench)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("export-vae", help="export the VAE decoder to ONNX (and an engine)",
+    p = sub.add_parser("export-vae", help="export the VAE decoder to ONNX",
                        description="Export a diffusers AutoencoderKL decoder from a local directory to ONNX fp32/fp16 "
-                       "with a dynamic batch, validate it on ONNX Runtime against torch, and build a TensorRT engine "
-                       "where TensorRT and a GPU exist.")
+                       "with a dynamic batch and validate it on ONNX Runtime against torch (fp16 emulated on the CPU). "
+                       "No TensorRT engine: the decoder runs once per sample (docs/gpu.md).")
     p.add_argument("--vae", required=True, help="local directory of a diffusers AutoencoderKL")
     p.add_argument("--out", default="exports/vae", help="output directory (default: exports/vae)")
     p.add_argument("--image-size", type=int, default=256,
                    help="image side the decoder produces; latent side = size / the VAE's factor (default: 256)")
     p.add_argument("--latent-size", type=positive_int, default=None, help="latent side (overrides --image-size)")
     p.add_argument("--precision", default="fp32,fp16", help="comma-separated: fp32, fp16 (default: both)")
-    p.add_argument("--max-batch", type=positive_int, default=8, help="images per decode in the engine (default: 8)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
-    p.add_argument("--no-engine", action="store_true", help="skip the TensorRT engine")
-    p.add_argument("--builder-optimization-level", type=int, default=3, choices=range(0, 6),
-                   help="TensorRT builder optimization level (default: 3)")
     p.set_defaults(func=cmd_export_vae)
 
     p = sub.add_parser("build", help="export to ONNX, validate, and build engines",

@@ -1,9 +1,10 @@
-"""The VAE decoder of latent DiTs as ONNX (fp32 and fp16, dynamic batch), validated like the DiT, and as an engine.
+"""The VAE decoder of latent DiTs as ONNX (fp32 and fp16, dynamic batch), validated like the DiT.
 
 The graph takes the latents exactly as the DiT sampler returns them and gives images in about [-1, 1]:
 the 1/0.18215 latent scale is inside it, as in `pipeline.VaeDecoder`. The fp16 graph runs convolutions,
 attention and upsampling in fp16 and keeps every GroupNorm in fp32 (statistics over a whole feature map
-overflow fp16), with fp32 inputs and outputs, the same policy as the DiT's fp16 graph.
+overflow fp16), with fp32 inputs and outputs, the same policy as the DiT's fp16 graph. No TensorRT engine
+is built for it: the decoder runs once per sample against 250 DiT forwards (docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -151,39 +152,52 @@ def export_vae_decoder(vae, path: str | Path, *, precision: str = "fp32", latent
 def validate_vae_decoder(vae, onnx_path: str | Path, *, precision: str, latent_size: int,
                          batches: tuple[int, ...] = (1, 2, 3), providers: list[str] | None = None,
                          seed: int = 0) -> dict:
-    """The ONNX decoder on ONNX Runtime against the torch fp32 decoder: rel. error and max abs per batch size."""
+    """The ONNX decoder on ONNX Runtime against the torch fp32 decoder: rel. error and max abs per batch size.
+
+    An fp16 graph on the CPU provider runs as its fp16-rounding twin (`validate.emulated_copy`), as the
+    DiT's do, so that the error measured is the one fp16 hardware makes.
+    """
+    import tempfile
+
     import onnxruntime as ort
 
+    from .validate import emulated_copy, needs_emulation
+
+    providers = providers or ["CPUExecutionProvider"]
+    emulated = needs_emulation(precision, providers)
     reference = VaeDecodeGraph(vae, "fp32")
-    session = ort.InferenceSession(str(onnx_path), providers=providers or ["CPUExecutionProvider"])
     tolerance = TOLERANCE[precision]
     checks = []
-    for i, batch in enumerate(batches):
-        latents = sample_latents(vae, batch, latent_size, seed + i)
-        with torch.no_grad():
-            expected = reference(latents).numpy()
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: latents.numpy()})[0]
-        shape_ok = got.shape == expected.shape
-        rel, max_abs, finite = relative_error(got, expected) if shape_ok else (None, None, bool(np.isfinite(got).all()))
-        checks.append({"batch": batch, "shape": list(got.shape), "expected_shape": list(expected.shape),
-                       "rel_err": rel, "max_abs": max_abs, "finite": finite,
-                       "passed": bool(shape_ok and finite and rel is not None and rel <= tolerance)})
-    return {"file": Path(onnx_path).name, "precision": precision, "tolerance": tolerance,
-            "provider": session.get_providers()[0], "checks": checks, "passed": all(c["passed"] for c in checks)}
+    with tempfile.TemporaryDirectory(prefix="ditexport-vae-") as tmp:
+        run_path = emulated_copy(onnx_path, tmp) if emulated else onnx_path
+        session = ort.InferenceSession(str(run_path), providers=providers)
+        for i, batch in enumerate(batches):
+            latents = sample_latents(vae, batch, latent_size, seed + i)
+            with torch.no_grad():
+                expected = reference(latents).numpy()
+            got = session.run([OUTPUT_NAME], {INPUT_NAME: latents.numpy()})[0]
+            shape_ok = got.shape == expected.shape
+            rel, max_abs, finite = (relative_error(got, expected) if shape_ok
+                                    else (None, None, bool(np.isfinite(got).all())))
+            checks.append({"batch": batch, "shape": list(got.shape), "expected_shape": list(expected.shape),
+                           "rel_err": rel, "max_abs": max_abs, "finite": finite,
+                           "passed": bool(shape_ok and finite and rel is not None and rel <= tolerance)})
+        provider = session.get_providers()[0]
+        del session
+    return {"file": Path(onnx_path).name, "precision": precision, "tolerance": tolerance, "provider": provider,
+            "emulated": emulated, "checks": checks, "passed": all(c["passed"] for c in checks)}
 
 
 # ---------------------------------------------------------------------------------------- the whole stage
 
 def export_vae(vae_dir: str | Path, out_dir: str | Path, *, latent_size: int, precisions=VAE_PRECISIONS,
-               max_batch_images: int = 8, opset: int | None = None, engine: bool = True,
-               builder_optimization_level: int = 3, log=print) -> dict:
-    """Loads the VAE, exports and validates each precision, builds the fp16 engine where TensorRT exists.
+               opset: int | None = None, log=print) -> dict:
+    """Loads the VAE, exports and validates each precision.
 
-    Writes `vae.onnx`, `vae.fp16.onnx`, `vae.<gpu>.<trt>.plan` and `vae_report.json` into `out_dir`;
-    returns the report, whose "passed" says whether every validation passed.
+    Writes `vae.onnx`, `vae.fp16.onnx` and `vae_report.json` into `out_dir`; returns the report, whose
+    "passed" says whether every validation passed.
     """
     from .artifacts import atomic_write_json, ensure_writable_dir
-    from .engine import build_engine, engine_profile, plan_path_for, tensorrt_unavailable_reason
 
     for precision in precisions:
         if precision not in VAE_PRECISIONS:
@@ -191,7 +205,7 @@ def export_vae(vae_dir: str | Path, out_dir: str | Path, *, latent_size: int, pr
     vae = load_vae(vae_dir)
     out_dir = ensure_writable_dir(out_dir)
     report = {"vae": str(vae_dir), "latent_size": latent_size, "image_size": latent_size * vae_scale_factor(vae),
-              "latent_channels": vae.config.latent_channels, "scale": VAE_SCALE, "graphs": {}, "engine": None}
+              "latent_channels": vae.config.latent_channels, "scale": VAE_SCALE, "graphs": {}}
     for precision in precisions:
         path = out_dir / vae_onnx_filename(precision)
         start = time.perf_counter()
@@ -202,26 +216,9 @@ def export_vae(vae_dir: str | Path, out_dir: str | Path, *, latent_size: int, pr
         report["graphs"][precision] = result
         worst = max((c["rel_err"] for c in result["checks"] if c["rel_err"] is not None), default=float("nan"))
         log(f"vae: {path.name:<15} exported in {exported:.1f} s; rel err {worst:.2e} (tolerance "
-            f"{result['tolerance']:.0e}) on batches {[c['batch'] for c in result['checks']]}: "
-            f"{'ok' if result['passed'] else 'FAILED'}")
+            f"{result['tolerance']:.0e}{', fp16 emulated' if result['emulated'] else ''}) on batches "
+            f"{[c['batch'] for c in result['checks']]}: {'ok' if result['passed'] else 'FAILED'}")
     report["passed"] = all(g["passed"] for g in report["graphs"].values())
-    fp16 = out_dir / vae_onnx_filename("fp16")
-    reason = tensorrt_unavailable_reason() if engine else "not asked for"
-    if reason is None and not fp16.is_file():
-        reason = "needs the fp16 graph (--precision fp16)"
-    if reason is None and not report["passed"]:
-        reason = "validation failed"
-    if reason is None:
-        lo, opt, hi = engine_profile(max_batch_images, guided=False)  # the VAE decodes images, never [x; x]
-        plan = plan_path_for(out_dir, stem="vae")
-        meta = build_engine(fp16, plan, min_batch=lo, opt_batch=opt, max_batch=hi,
-                            builder_optimization_level=builder_optimization_level,
-                            rebuild_command=f"python -m ditexport export-vae --vae {vae_dir} --out {out_dir}")
-        report["engine"] = {"plan": plan.name, "build_seconds": meta["build_seconds"], "batch": meta["batch"]}
-        log(f"vae: engine {plan.name} built in {meta['build_seconds']:.0f} s")
-    else:
-        report["engine"] = {"skipped": reason}
-        log(f"vae: engine skipped — {reason}")
     atomic_write_json(out_dir / REPORT_NAME, json.loads(json.dumps(report)))
     log(f"vae: {'PASSED' if report['passed'] else 'FAILED'} ({out_dir / REPORT_NAME})")
     return report

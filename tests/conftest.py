@@ -26,3 +26,45 @@ def no_host_sync_after_first_step(steps):
             yield step
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def concurrent_calls_match_lone_calls(backend, feeds, threads: int = 4) -> int:
+    """Runs every feed through `backend` from `threads` threads at once (each thread in its own order) and
+    asserts each result equals, bit for bit, the same feed run alone; returns the number of concurrent calls."""
+    import threading
+
+    lone = [backend(*feed) for feed in feeds]
+    start = threading.Barrier(threads)
+    results, errors = [], []
+
+    def worker(k: int) -> None:
+        try:
+            start.wait()
+            order = list(range(k, len(feeds))) + list(range(k))
+            for i in order:
+                results.append((i, backend(*feeds[i])))
+        except BaseException as e:  # reported below: an exception in a thread would otherwise vanish
+            errors.append(e)
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    assert not errors, errors
+    assert len(results) == threads * len(feeds)
+    for i, out in results:
+        assert out.shape == lone[i].shape and torch.equal(out.cpu(), lone[i].cpu()), f"feed {i} differs"
+    return len(results)
+
+
+def model_feeds(cfg, batches, device="cpu", seed=0):
+    """(x, t, y) feeds of the given batch sizes, seeded, labels including the null class."""
+    feeds = []
+    for k, n in enumerate(batches):
+        gen = torch.Generator().manual_seed(seed + k)
+        x = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
+        t = torch.randint(0, 1000, (n,), generator=gen)
+        y = torch.randint(0, cfg.num_classes + 1, (n,), generator=gen)
+        feeds.append((x.to(device), t.to(device), y.to(device)))
+    return feeds

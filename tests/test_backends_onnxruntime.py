@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import concurrent_calls_match_lone_calls, model_feeds
 
 from ditexport.backends import OnnxRuntimeBackend, TorchBackend
-from ditexport.backends.onnxruntime_backend import OnnxRuntimeError
+from ditexport.backends.onnxruntime_backend import (CPU, CUDA, OnnxRuntimeError, cuda_provider_options,
+                                                    default_providers, exact_fp32_providers)
 from ditexport.diffusion import SamplerConfig
 from ditexport.export import export_graphs
 from ditexport.model import create_model, get_config
@@ -19,6 +21,13 @@ def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("ort")
     paths = export_graphs(model, out, precisions=("fp32",), log=lambda *_: None)
     return model, paths[("xty", "fp32")], paths[("cond", "fp32")]
+
+
+@pytest.fixture(scope="module")
+def fp16_graph(exported, tmp_path_factory):
+    model = exported[0]
+    paths = export_graphs(model, tmp_path_factory.mktemp("ort16"), graphs=("xty",), log=lambda *_: None)
+    return paths[("xty", "fp16")]
 
 
 def test_forward_and_with_condition_match_torch(exported):
@@ -80,6 +89,26 @@ def test_graph_that_does_not_fit_the_config_or_lacks_cond(exported):
         backend.with_condition(torch.zeros(1, 4, 8, 8), torch.zeros(1, 64))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cpu_backend_is_safe_to_share_between_threads(exported, fp16_graph, precision):
+    model, xty, _ = exported
+    backend = OnnxRuntimeBackend(xty if precision == "fp32" else fp16_graph, model.config, max_batch=4, threads=1)
+    assert backend.precision == precision
+    feeds = model_feeds(model.config, [1, 2, 5, 3, 2, 6], seed=7)
+    assert concurrent_calls_match_lone_calls(backend, feeds, threads=4) == 24
+
+
+def test_cuda_provider_runs_fp32_without_tf32():
+    # ORT's CUDA provider defaults to use_tf32=1; these are the options every session here is created with.
+    assert cuda_provider_options(1) == {"device_id": "1", "use_tf32": "0"}
+    assert exact_fp32_providers([CUDA, CPU], device_index=2) == [(CUDA, {"device_id": "2", "use_tf32": "0"}), CPU]
+    user = [(CUDA, {"device_id": 1, "use_tf32": "1", "gpu_mem_limit": 2 ** 30}), CPU]
+    assert exact_fp32_providers(user) == [(CUDA, {"device_id": 1, "use_tf32": "0", "gpu_mem_limit": 2 ** 30}), CPU]
+    assert user[0][1]["use_tf32"] == "1"  # the caller's list is not modified
+    assert exact_fp32_providers([CPU]) == [CPU]
+    assert default_providers(torch.device("cpu")) == [CPU]
+
+
 def _cuda_provider_missing() -> str | None:
     import onnxruntime as ort
 
@@ -100,10 +129,11 @@ def test_cuda_provider_with_io_binding_matches_the_cpu(tmp_path):
     feed = graph_feed(model, "xty", 3, seed=4)
     cpu = OnnxRuntimeBackend(paths[("xty", "fp32")], model.config, providers=["CPUExecutionProvider"])
     expected = cpu(feed["x"], feed["t"], feed["y"])
-    for precision, limit in (("fp32", 1e-4), ("fp16", 5e-3)):
+    for precision, limit in (("fp32", 1e-5), ("fp16", 5e-3)):  # fp32: the contract, reachable with TF32 off
         gpu = OnnxRuntimeBackend(paths[("xty", precision)], model.config,
                                  cond_path=paths[("cond", precision)])
         assert gpu.device.type == "cuda" and gpu.providers[0] == "CUDAExecutionProvider"
+        assert gpu.session.get_provider_options()[CUDA]["use_tf32"] == "0"
         x, t, y = (v.to(gpu.device) for v in (feed["x"], feed["t"], feed["y"]))
         out = gpu(x, t, y)
         assert out.device == gpu.device  # bound in place: no trip through the host

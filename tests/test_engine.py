@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from ditexport.artifacts import atomic_write_json
-from ditexport.engine import (REBUILD_COMMAND, EngineError, build_engine, check_engine_compatibility,
+from ditexport.engine import (REBUILD_COMMAND, EngineError, batch_profiles, build_engine, check_engine_compatibility,
                               check_onnx_unchanged, engine_metadata, engine_profile, find_plan, load_engine,
-                              metadata_path, onnx_input_shapes, plan_filename, profile_shapes,
+                              metadata_path, onnx_input_shapes, onnx_precision, plan_bytes_from_onnx,
+                              plan_filename, plan_precision, profile_for_batch, profile_shapes,
                               read_engine_metadata, sanitize_gpu_name, tensorrt_unavailable_reason,
-                              verify_plan_file)
+                              tensorrt_version_problem, verify_plan_file)
 from ditexport.errors import DitexportError
 
 H100 = {"tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
@@ -24,6 +25,16 @@ def tiny_fp16_onnx(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("onnx") / "model.fp16.onnx"
     return export_onnx(create_model("DiT-tiny/2", seed=0), path, precision="fp16")
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32_onnx(tmp_path_factory):
+    pytest.importorskip("onnx_graphsurgeon", reason="the export needs onnx-graphsurgeon: pip install 'ditexport[trt]'")
+    from ditexport.export import export_onnx
+    from ditexport.model import create_model
+
+    path = tmp_path_factory.mktemp("onnx32") / "model.onnx"
+    return export_onnx(create_model("DiT-tiny/2", seed=0), path)
 
 
 def write_plan(directory, plan_bytes: bytes, onnx_path, environment=H100, stem="model", rebuild_command=None):
@@ -59,6 +70,26 @@ def test_profile_shapes_from_a_real_export(tiny_fp16_onnx):
     assert profile["t"] == {"min": [1], "opt": [16], "max": [16]}
     with pytest.raises(ValueError):
         profile_shapes(shapes, 4, 2, 8)
+
+
+def test_one_profile_per_timed_batch_covers_every_batch_once():
+    ranges = batch_profiles([64, 2, 8, 32, 1, 8])
+    assert ranges == [(1, 1, 1), (2, 2, 2), (3, 8, 8), (9, 32, 32), (33, 64, 64)]
+    for batch in range(1, 65):  # every batch has exactly one profile, the one timed nearest above it
+        (index,) = [i for i, (lo, _, hi) in enumerate(ranges) if lo <= batch <= hi]
+        assert profile_for_batch(ranges, batch) == index
+    assert [ranges[profile_for_batch(ranges, b)][1] for b in (1, 2, 8, 32, 64)] == [1, 2, 8, 32, 64]
+    assert batch_profiles([16]) == [(1, 16, 16)]
+    with pytest.raises(EngineError, match="no optimization profile .* batch 65"):
+        profile_for_batch(ranges, 65)
+    with pytest.raises(ValueError):
+        batch_profiles([0, 2])
+
+
+def test_overlapping_profiles_prefer_the_nearest_opt():
+    ranges = [(1, 64, 64), (1, 2, 8)]  # e.g. a plan built elsewhere with a wide profile first
+    assert profile_for_batch(ranges, 2) == 1 and profile_for_batch(ranges, 8) == 1
+    assert profile_for_batch(ranges, 40) == 0
 
 
 def test_profile_refuses_fixed_batch_and_other_dynamic_axes():
@@ -119,6 +150,31 @@ def test_metadata_round_trip_and_intact_plan(tmp_path, tiny_fp16_onnx):
     check_onnx_unchanged(read, tiny_fp16_onnx)
 
 
+def test_plan_precision_is_the_graphs(tmp_path, tiny_fp16_onnx, tiny_fp32_onnx):
+    assert onnx_precision(tiny_fp16_onnx) == "fp16" and onnx_precision(tiny_fp32_onnx) == "fp32"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, meta16 = write_plan(tmp_path / "a", b"plan", tiny_fp16_onnx)
+    _, meta32 = write_plan(tmp_path / "b", b"plan", tiny_fp32_onnx)
+    assert (meta16["precision"], meta32["precision"]) == ("fp16", "fp32")
+    assert (plan_precision(meta16), plan_precision(meta32)) == ("fp16", "fp32")
+    # Metadata written before the field existed: the ONNX file name says it.
+    assert plan_precision({"onnx_file": "model.onnx"}) == "fp32"
+    assert plan_precision({"onnx_file": "cond.fp16.onnx"}) == "fp16"
+
+
+def test_metadata_of_several_profiles(tmp_path, tiny_fp16_onnx):
+    ranges = batch_profiles([1, 2, 8])
+    profiles = [profile_shapes(onnx_input_shapes(tiny_fp16_onnx), *r) for r in ranges]
+    meta = engine_metadata(plan_path=tmp_path / "model.plan", plan_bytes=b"plan", onnx_path=tiny_fp16_onnx,
+                           environment=H100, profile=profiles[0], batch=ranges[0], profiles=profiles,
+                           batch_ranges=ranges, builder_optimization_level=3, build_seconds=1.0,
+                           timing_cache_path=None)
+    assert meta["batch_profiles"] == [[1, 1, 1], [2, 2, 2], [3, 8, 8]]
+    assert meta["batch"] == {"min": 1, "opt": 1, "max": 8}
+    assert [p["x"]["opt"][0] for p in meta["profiles"]] == [1, 2, 8] and meta["profile"] == profiles[0]
+
+
 def test_truncated_plan_is_refused(tmp_path, tiny_fp16_onnx):
     plan, meta = write_plan(tmp_path, b"x" * 1000, tiny_fp16_onnx)
     plan.write_bytes(b"x" * 600)
@@ -176,10 +232,27 @@ def test_find_plan_picks_this_machines_plan(tmp_path, tiny_fp16_onnx):
 
 # ------------------------------------------------------------------------------------ without TensorRT
 
+@pytest.mark.parametrize("version", ["10.0.1.6", "10.0.0", "8.6.1.6", "9.3.0"])
+def test_tensorrt_before_10_1_is_refused_naming_both_versions(version):
+    problem = tensorrt_version_problem(version)
+    assert problem is not None and version in problem and "10.1 or newer" in problem
+
+
+@pytest.mark.parametrize("version", ["10.1.0", "10.13.0.35", "11.1.0", "10.10.0.31"])
+def test_tensorrt_10_1_and_newer_is_accepted(version):
+    assert tensorrt_version_problem(version) is None
+
+
+def test_tensorrt_without_a_version_is_not_tensorrt():
+    # tensorrt-stubs alone leaves an importable `tensorrt` namespace with no __version__.
+    assert "tensorrt is not installed" in tensorrt_version_problem(None)
+    assert "cannot read the TensorRT version 'dev'" in tensorrt_version_problem("dev")
+
+
 def test_unavailable_reason_names_what_is_missing():
     try:
-        import tensorrt  # noqa: F401
-        has_trt = True
+        import tensorrt
+        has_trt = getattr(tensorrt, "__version__", None) is not None  # not the stubs' empty namespace
     except Exception:
         has_trt = False
     reason = tensorrt_unavailable_reason(for_build=False)
@@ -198,6 +271,15 @@ def test_build_and_load_say_why_they_cannot_run(tmp_path, tiny_fp16_onnx):
     assert not list(tmp_path.iterdir())  # nothing half-written
     with pytest.raises(DitexportError, match="cannot load a TensorRT engine"):
         load_engine(tmp_path / "model.plan")
+
+
+@pytest.mark.skipif(TRT_REASON is None, reason="TensorRT and a GPU are present: the build succeeds there")
+def test_a_failing_tensorrt_build_is_an_engine_error(tmp_path, tiny_fp16_onnx):
+    # Past the availability check, the Polygraphy/TensorRT calls themselves fail here for real (no usable
+    # TensorRT or no GPU); whatever they raise must reach the caller as one EngineError naming the file.
+    profiles = [profile_shapes(onnx_input_shapes(tiny_fp16_onnx), 1, 2, 2)]
+    with pytest.raises(EngineError, match=r"TensorRT could not build .*model\.fp16\.onnx: \w+"):
+        plan_bytes_from_onnx(tiny_fp16_onnx, profiles, 1, tmp_path / "timing.cache")
 
 
 # ------------------------------------------------------------------------------------ with TensorRT
@@ -224,3 +306,24 @@ def test_build_writes_plan_metadata_and_timing_cache(tmp_path, tiny_fp16_onnx):
     plan.write_bytes(plan.read_bytes()[:-16])
     with pytest.raises(EngineError, match="corrupt"):
         load_engine(plan)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(TRT_REASON is not None, reason=f"needs TensorRT and a GPU: {TRT_REASON}")
+def test_unparsable_onnx_is_an_engine_error_not_a_polygraphy_exception(tmp_path, tiny_fp16_onnx):
+    broken = tmp_path / "model.fp16.onnx"
+    broken.write_bytes(tiny_fp16_onnx.read_bytes()[: tiny_fp16_onnx.stat().st_size // 3])
+    with pytest.raises(EngineError):
+        build_engine(broken, tmp_path / "exports" / "x" / "model.plan", min_batch=1, opt_batch=2, max_batch=2,
+                     builder_optimization_level=1)
+    assert not list((tmp_path / "exports").rglob("*.plan"))
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(TRT_REASON is not None, reason=f"needs TensorRT and a GPU: {TRT_REASON}")
+def test_build_with_several_profiles(tmp_path, tiny_fp16_onnx):
+    plan = tmp_path / "exports" / "tiny" / "model.plan"
+    meta = build_engine(tiny_fp16_onnx, plan, batch_ranges=batch_profiles([1, 2, 8]), builder_optimization_level=1)
+    _, engine, _ = load_engine(plan)
+    assert engine.num_optimization_profiles == 3 and meta["precision"] == "fp16"
+    assert [engine.get_tensor_profile_shape("x", i)[1][0] for i in range(3)] == [1, 2, 8]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -10,6 +11,9 @@ import torch
 from ..errors import DitexportError
 from ..model import DiTConfig
 from .base import Backend
+
+if TYPE_CHECKING:  # onnxruntime ships no stubs; its Python wrapper classes type-check the I/O-binding calls
+    from onnxruntime import InferenceSession
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -32,11 +36,43 @@ def _import_onnxruntime():
     return onnxruntime
 
 
-def default_providers() -> list:
-    """CUDA on torch's current GPU (CPU as fallback) where onnxruntime-gpu and a GPU exist, otherwise CPU."""
+def cuda_provider_options(device_index: int) -> dict[str, str]:
+    """The CUDA provider's options: the device, and TF32 off.
+
+    ORT runs fp32 MatMul/Conv in TF32 by default (`use_tf32` 1), which rounds their inputs to 10 mantissa
+    bits: about 1e-3 relative error, far outside the fp32 contract (1e-5). With TF32 off, fp32 graphs compute
+    in fp32, and the fp16 graph's fp32 parts (norms, modulation) stay fp32 as its precision policy says.
+    """
+    return {"device_id": str(device_index), "use_tf32": "0"}
+
+
+def exact_fp32_providers(providers: list, device_index: int = 0) -> list:
+    """`providers` with TF32 off in the CUDA provider's options (see above), a bare name given them all."""
+    result = []
+    for p in providers:
+        if p == CUDA:
+            p = (CUDA, cuda_provider_options(device_index))
+        elif not isinstance(p, str) and p[0] == CUDA:
+            p = (CUDA, {**dict(p[1]), "use_tf32": "0"})
+        result.append(p)
+    return result
+
+
+def cuda_index(device: torch.device | None = None) -> int:
+    """The GPU index of `device`, torch's current GPU for None or a bare "cuda" (0 without CUDA)."""
+    if device is not None and device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+def default_providers(device: torch.device | None = None) -> list:
+    """CUDA on `device` (torch's current GPU when None; CPU as fallback) where onnxruntime-gpu and a GPU exist,
+    otherwise CPU."""
     ort = _import_onnxruntime()
+    if device is not None and device.type != "cuda":
+        return [CPU]
     if CUDA in ort.get_available_providers() and torch.cuda.is_available():
-        return [(CUDA, {"device_id": torch.cuda.current_device()}), CPU]
+        return [(CUDA, cuda_provider_options(cuda_index(device))), CPU]
     return [CPU]
 
 
@@ -68,7 +104,7 @@ def load_session(path: str | Path, providers: list | None = None, threads: int |
         raise OnnxRuntimeError(f"ONNX graph not found: {path}")
     try:
         return ort.InferenceSession(str(path), session_options(threads, optimization),
-                                    providers=providers or default_providers())
+                                    providers=exact_fp32_providers(providers or default_providers(), cuda_index()))
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OnnxRuntimeError(f"cannot load ONNX graph {path} (corrupt, truncated or incomplete?): "
@@ -84,14 +120,17 @@ class OnnxRuntimeBackend(Backend):
 
     Inputs and outputs are float32 torch tensors (t, y int64) on `self.device`: the CPU, or the GPU when the
     CUDA provider runs the graph, in which case tensors are bound in place (I/O binding), with no host copy.
+    Safe to share between threads: ORT sessions run concurrent calls, and each call binds its own I/O.
     """
 
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, config: DiTConfig, *, cond_path: str | Path | None = None,
                  providers: list | None = None, max_batch: int | None = None, threads: int | None = None,
-                 optimization: str = GRAPH_OPTIMIZATION):
+                 optimization: str = GRAPH_OPTIMIZATION, device: torch.device | str | None = None):
         self.onnx_path = Path(onnx_path)
+        device = torch.device(device) if device is not None else None
+        providers = exact_fp32_providers(providers or default_providers(device), cuda_index(device))
         self.session = load_session(self.onnx_path, providers, threads, optimization)
         self.cond_session = load_session(cond_path, providers, threads, optimization) if cond_path else None
         self.providers = self.session.get_providers()
@@ -104,7 +143,7 @@ class OnnxRuntimeBackend(Backend):
         meta = graph_metadata(self.session)
         self.precision = meta.get("ditexport.precision", "fp32")
         self._check_graph(self.session, ("x", "t", "y"), self.onnx_path)
-        if self.cond_session is not None:
+        if self.cond_session is not None and cond_path is not None:
             self._check_graph(self.cond_session, ("x", "c"), Path(cond_path))
 
     def _check_graph(self, session, names: tuple[str, ...], path: Path) -> None:
@@ -121,14 +160,14 @@ class OnnxRuntimeBackend(Backend):
 
     # ------------------------------------------------------------------------------------- running
 
-    def _run(self, session, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _run(self, session: InferenceSession, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.device.type == "cuda":
             return self._run_bound(session, feed)
         arrays = {name: value.detach().cpu().numpy() for name, value in feed.items()}
         (out,) = session.run(["out"], arrays)
         return torch.from_numpy(out)
 
-    def _run_bound(self, session, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _run_bound(self, session: InferenceSession, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         """CUDA provider: inputs and the output stay in torch-owned device memory (I/O binding)."""
         x = feed["x"]
         cfg = self.config
@@ -159,8 +198,10 @@ class OnnxRuntimeBackend(Backend):
         return self._run(self.cond_session, {"x": x.float(), "c": c.float()})
 
     def describe(self) -> str:
-        provider = "CUDA" if self.device.type == "cuda" else "CPU"
+        provider = "CUDA, TF32 off" if self.device.type == "cuda" else "CPU"
         return f"{self.name} ({self.precision}, {provider}, {self.onnx_path.name})"
 
     def close(self) -> None:
-        self.session = self.cond_session = None
+        # Drops the sessions and their memory; the backend cannot run afterwards.
+        self.__dict__.pop("session", None)
+        self.cond_session = None

@@ -66,7 +66,7 @@ class TorchBackend(Backend):
         if self._graphs is not None:
             return self._replay("xty", self._model_xty, x, t, y)
         if self._compiled is not None:
-            return self._run_compiled(x.to(self.dtype), t, y)
+            return self._run_compiled(self._compiled, x.to(self.dtype), t, y)
         with device_scope(self.device):
             return self._model_xty(x, t, y)
 
@@ -84,13 +84,13 @@ class TorchBackend(Backend):
         with self._lock, torch.cuda.device(self.device):
             return run_ordered(stream, lambda *a: fresh_float32(graphs(key, fn, *a)), *inputs)
 
-    def _run_compiled(self, *inputs):
+    def _run_compiled(self, compiled, *inputs):
         with self._lock, device_scope(self.device):
             if self.mode in ("compile:reduce-overhead", "compile:max-autotune"):
                 # These modes replay CUDA graphs whose outputs the next replay overwrites; marking the step
                 # tells torch that the previous outputs are no longer read (we copy them out below).
                 torch.compiler.cudagraph_mark_step_begin()
-            return fresh_float32(self._compiled(*inputs))
+            return fresh_float32(compiled(*inputs))
 
     def describe(self) -> str:
         mode = "" if self.mode == "eager" else f", {self.mode}"
