@@ -37,7 +37,7 @@ def tensorrt_version_problem(version: str | None) -> str | None:
     """Why an imported TensorRT of this version cannot run ditexport's engines, or None when it can."""
     if not version:
         # `tensorrt-stubs` alone installs a `tensorrt` folder of .pyi files, which imports as an empty namespace.
-        return f"tensorrt is not installed, only something without a version (type stubs?) ({TENSORRT_INSTALL_HINT})"
+        return f"tensorrt is not installed (an importable tensorrt without a version: type stubs only?) ({TENSORRT_INSTALL_HINT})"
     match = re.match(r"(\d+)\.(\d+)", version)
     if match is None:
         return f"cannot read the TensorRT version {version!r}; ditexport needs TensorRT 10.1 or newer"

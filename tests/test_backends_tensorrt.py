@@ -1,7 +1,7 @@
 """The TensorRT backend: error paths on any machine; parity with ONNX Runtime, graphs and syncs on a GPU."""
 import pytest
 import torch
-from conftest import no_host_sync_after_first_step
+from conftest import concurrent_calls_match_lone_calls, model_feeds, no_host_sync_after_first_step
 
 from ditexport.cli import main
 from ditexport.engine import EngineError, tensorrt_unavailable_reason
@@ -40,19 +40,24 @@ def test_sample_with_tensorrt_is_one_clear_line(capsys):
 def tiny_engines(tmp_path_factory):
     """fp32 ONNX (the reference), fp16 ONNX and the two engines (x, t, y) and (x, c), batch 1..8."""
     pytest.importorskip("onnx_graphsurgeon", reason="the export needs onnx-graphsurgeon: pip install 'ditexport[trt]'")
-    from ditexport.engine import build_engine, plan_path_for
+    from ditexport.engine import batch_profiles, build_engine, plan_path_for
     from ditexport.export import export_onnx
 
     directory = tmp_path_factory.mktemp("tiny-export")
     model = create_model("DiT-tiny/2", seed=0)
     paths = {"fp32": export_onnx(model, directory / "model.onnx"),
+             "cond32": export_onnx(model, directory / "cond.onnx", graph="cond"),
              "fp16": export_onnx(model, directory / "model.fp16.onnx", precision="fp16"),
              "cond16": export_onnx(model, directory / "cond.fp16.onnx", precision="fp16", graph="cond")}
     paths["plan"] = plan_path_for(directory)
     paths["cond_plan"] = plan_path_for(directory, stem="cond")
-    for onnx_name, plan_name in (("fp16", "plan"), ("cond16", "cond_plan")):
+    paths["fp32_plan"] = directory / "fp32" / "model.plan"
+    paths["profiles_plan"] = directory / "profiles" / "model.plan"
+    for onnx_name, plan_name in (("fp16", "plan"), ("cond16", "cond_plan"), ("fp32", "fp32_plan")):
         build_engine(paths[onnx_name], paths[plan_name], min_batch=1, opt_batch=8, max_batch=8,
                      builder_optimization_level=1)
+    build_engine(paths["fp16"], paths["profiles_plan"], batch_ranges=batch_profiles([1, 2, 8]),
+                 builder_optimization_level=1)
     return model, paths
 
 
@@ -166,3 +171,94 @@ def test_polygraphy_comparison_of_onnxruntime_and_tensorrt(tiny_engines):
     rows = compare_with_onnxruntime(paths["fp32"], paths["plan"], feeds)
     assert [(r["batch"], r["output"]) for r in rows] == [(1, "out"), (5, "out")]
     assert all(r["passed"] and 0 < r["rel_err"] <= 5e-3 for r in rows)
+
+
+@pytest.mark.tensorrt
+@needs_trt
+def test_plan_from_the_fp32_graph_reports_fp32_and_matches_it(tiny_engines):
+    from ditexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from ditexport.backends.tensorrt_backend import TensorRTBackend
+    from ditexport.export import TOLERANCE
+
+    model, paths = tiny_engines
+    fp32 = TensorRTBackend(paths["fp32_plan"], model.config)
+    assert fp32.precision == "fp32" and fp32.dtype == torch.float32 and "fp32" in fp32.describe()
+    assert TensorRTBackend(paths["plan"], model.config).precision == "fp16"
+    reference = OnnxRuntimeBackend(paths["fp32"], model.config, providers=["CPUExecutionProvider"])
+    x, t, y = _inputs(model.config, 4, 11)
+    assert rel_err(fp32(x.cuda(), t.cuda(), y.cuda()), reference(x, t, y)) <= TOLERANCE["fp32"]
+
+
+@pytest.mark.tensorrt
+@needs_trt
+def test_each_batch_runs_on_its_own_profile(tiny_engines):
+    from ditexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from ditexport.backends.tensorrt_backend import TensorRTBackend
+
+    model, paths = tiny_engines
+    backend = TensorRTBackend(paths["profiles_plan"], model.config)
+    assert backend._xty.batch_ranges == [(1, 1, 1), (2, 2, 2), (3, 8, 8)] and backend.max_batch == 8
+    reference = OnnxRuntimeBackend(paths["fp32"], model.config, providers=["CPUExecutionProvider"])
+    for n in (1, 2, 3, 8, 2):
+        x, t, y = _inputs(model.config, n, 20 + n)
+        assert rel_err(backend(x.cuda(), t.cuda(), y.cuda()), reference(x, t, y)) <= 5e-3
+    assert sorted(backend._xty._contexts) == [1, 2, 3, 8]
+
+
+@pytest.mark.tensorrt
+@needs_trt
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_backend_is_safe_to_share_between_threads(tiny_engines, cuda_graph):
+    from ditexport.backends.tensorrt_backend import TensorRTBackend
+
+    model, paths = tiny_engines
+    backend = TensorRTBackend(paths["plan"], model.config, cond_plan_path=paths["cond_plan"], cuda_graph=cuda_graph)
+    feeds = model_feeds(model.config, [1, 2, 5, 3, 2, 8], device="cuda", seed=3)
+    assert concurrent_calls_match_lone_calls(backend, feeds, threads=4) == 24
+
+
+@pytest.mark.tensorrt
+@needs_trt
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_enqueues_on_its_own_stream_ordered_with_the_callers(tiny_engines, cuda_graph):
+    from ditexport.backends.tensorrt_backend import TensorRTBackend
+
+    model, paths = tiny_engines
+    backend = TensorRTBackend(paths["plan"], model.config, cuda_graph=cuda_graph)
+    assert backend._xty.stream.cuda_stream != 0  # never the legacy default stream
+    x, t, y = (v.cuda() for v in _inputs(model.config, 4, 5))
+    expected = backend(x, t, y)
+    torch.cuda.synchronize()
+    caller = torch.cuda.Stream()
+    with torch.cuda.stream(caller):
+        # The input is still being computed on the caller's stream (a long matmul chain first) when the
+        # backend is called, and its output is read there at once: only stream ordering makes this right.
+        big = torch.randn(2048, 2048, device="cuda")
+        for _ in range(20):
+            big = big @ big / 2048
+        late_x = x + 0 * big.sum()
+        got = backend(late_x, t, y) * 1
+    torch.cuda.synchronize()
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.skipif(REASON is not None or torch.cuda.device_count() < 2,
+                    reason=f"needs TensorRT and two GPUs: {REASON or f'{torch.cuda.device_count()} GPU(s) here'}")
+def test_second_gpu_while_the_first_is_current(tiny_engines, tmp_path):
+    from ditexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from ditexport.backends.tensorrt_backend import TensorRTBackend
+    from ditexport.engine import build_engine
+
+    model, paths = tiny_engines
+    plan = tmp_path / "gpu1" / "model.plan"
+    build_engine(paths["fp16"], plan, min_batch=1, opt_batch=8, max_batch=8, builder_optimization_level=1,
+                 device=torch.device("cuda", 1))
+    torch.cuda.set_device(0)
+    backend = TensorRTBackend(plan, model.config, device="cuda:1")
+    reference = OnnxRuntimeBackend(paths["fp32"], model.config, providers=["CPUExecutionProvider"])
+    x, t, y = _inputs(model.config, 3, 9)
+    out = backend(x.to("cuda:1"), t.to("cuda:1"), y.to("cuda:1"))
+    assert out.device == torch.device("cuda", 1) and torch.cuda.current_device() == 0
+    assert rel_err(out, reference(x, t, y)) <= 5e-3

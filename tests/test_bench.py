@@ -90,6 +90,31 @@ def test_second_run_reuses_the_exported_onnx(quick_run, capsys):
     assert code == 0 and "found cached ONNX" in capsys.readouterr().out
 
 
+def test_a_failing_backend_is_a_row_and_the_bench_goes_on(tmp_path, capsys):
+    # A real fault, not a stand-in: the export's fp16 graph is truncated, so ONNX Runtime cannot load it.
+    from ditexport.export import export_graphs
+
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    paths = export_graphs(create_model("DiT-tiny/2", seed=0), export_dir, graphs=("xty",), log=lambda m: None)
+    fp16 = paths[("xty", "fp16")]
+    fp16.write_bytes(fp16.read_bytes()[: fp16.stat().st_size // 2])
+    code = main(["bench", "--model", "DiT-tiny/2", "--quick", "--device", "cpu", "--batch-sizes", "2",
+                 "--backends", "onnxruntime-fp16,onnxruntime-fp32", "--export-dir", str(export_dir),
+                 "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "bench-DiT-tiny-2-cpu.json").read_text())
+    (failed,) = report["failed"]
+    assert failed["backend"] == "onnxruntime-fp16" and "model.fp16.onnx" in failed["error"]
+    assert "\n" not in failed["error"]
+    # The backends after the failing one were still measured, and the table still comes last.
+    assert {r["backend"] for r in report["results"]} == {"torch-eager", "onnxruntime-fp32"}
+    lines = printed.strip().splitlines()
+    assert lines[-1] == f"{'onnxruntime-fp16':<18} FAILED: {failed['error']}"
+    assert lines[-len(report["results"]) - 2].startswith("backend")
+
+
 def test_bad_bench_options_are_one_line_errors(capsys, tmp_path):
     assert main(["bench", "--model", "DiT-tiny/2", "--backends", "torch-eager,fastest", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == ("error: unknown bench backend(s) fastest; choose from torch-eager, "
