@@ -300,6 +300,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ gpu-check
+
+def cmd_gpu_check(args) -> int:
+    from .gpu_check import gpu_check
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    return gpu_check(args.out, models=models, budget_s=args.budget,
+                     builder_optimization_level=args.builder_optimization_level)
+
+
 # ------------------------------------------------------------------------------------------ export-vae
 
 def cmd_export_vae(args) -> int:
@@ -457,6 +467,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of exporting into --out")
     p.add_argument("--out", default="exports/bench", help="output directory (default: exports/bench)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("gpu-check", help="run every GPU path this machine has, in one table",
+                       description="On a machine with an NVIDIA GPU: torch fp16 eager, CUDA graph, torch.compile, "
+                       "ONNX Runtime CUDA (with onnxruntime-gpu) and TensorRT (when installed) on the digits model and "
+                       "DiT-XL/2 at 256 px (random weights): relative error against fp32 torch, ms per forward at "
+                       "batches 2 and 64, one 250-step guided sample each; every row isolated and time-capped, one "
+                       "table last. Exit code 1 when a row failed, 2 without a GPU.")
+    p.add_argument("--models", default="digits,DiT-XL/2",
+                   help="comma-separated: digits and/or registry configs at 256 px (default: digits,DiT-XL/2)")
+    p.add_argument("--budget", type=float, default=450.0,
+                   help="seconds for the whole check; rows that cannot start in time say so (default: 450)")
+    p.add_argument("--builder-optimization-level", type=int, default=2, choices=range(0, 6),
+                   help="TensorRT builder level of the check's engines (default: 2, to fit the budget; "
+                        "bench uses 3)")
+    p.add_argument("--out", default="exports/gpu-check",
+                   help="where the exports, engines and gpu-check.json go; reused by a rerun (default: "
+                        "exports/gpu-check)")
+    p.set_defaults(func=cmd_gpu_check)
 
     p = sub.add_parser("export-vae", help="export the VAE decoder to ONNX",
                        description="Export a diffusers AutoencoderKL decoder from a local directory to ONNX fp32/fp16 "

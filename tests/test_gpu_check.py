@@ -1,0 +1,93 @@
+"""`gpu-check`: its rows, isolation, time caps and table run on the CPU with the paths a CPU has; the command
+itself refuses in one line without a GPU."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ditexport.export import TOLERANCE
+from ditexport.gpu_check import PATHS, format_table, run_rows
+
+
+@pytest.fixture(scope="module")
+def cpu_rows(tmp_path_factory, one_torch_thread):
+    out = tmp_path_factory.mktemp("gpu-check")
+    logs = []
+    rows = run_rows("cpu", models=("digits",), out_dir=out, sample_steps=50, log=logs.append)
+    return out, rows, logs
+
+
+def test_every_path_is_a_row_measured_or_skipped_with_its_reason(cpu_rows):
+    _, rows, logs = cpu_rows
+    by_path = {r.path: r for r in rows}
+    assert list(by_path) == list(PATHS) and {r.model for r in rows} == {"digits"}
+    for path, precision in (("torch-eager", "fp16"), ("onnxruntime-fp32", "fp32"), ("onnxruntime-fp16", "fp16")):
+        row = by_path[path]
+        assert row.status == "ok" and row.precision == precision and row.tolerance == TOLERANCE[precision]
+        assert 0 < row.rel_err <= TOLERANCE[precision]
+        assert 0 < row.ms[2] < row.ms[64]  # 32 times the rows cost more on a CPU
+        assert row.sample_finite is True and row.sample_s > 0 and not row.notes
+    assert by_path["torch-eager"].rel_err > 10 * by_path["onnxruntime-fp32"].rel_err  # fp16 really ran
+    for path in ("torch-cuda-graph", "torch-compile", "tensorrt"):
+        assert by_path[path].status == "skipped" and by_path[path].skipped
+    assert "GPU" in by_path["torch-cuda-graph"].skipped
+    table = format_table(rows, 50).splitlines()
+    assert table[0].split()[:3] == ["model", "path", "prec"] and "sample 50" in table[0]
+    assert len(table) == len(rows) + 2 and table[-1] == "PASSED: 3 ok, 0 failed, 3 skipped"
+    assert table[1].split()[:3] == ["digits", "torch-eager", "fp16"] and table[1].endswith("ok")
+    assert any("torch-eager: ok" in line for line in logs)
+
+
+def test_a_failing_path_is_its_row_and_the_others_still_run(cpu_rows):
+    # A real fault: the check's cached fp16 export is truncated, so ONNX Runtime cannot load it.
+    out, _, _ = cpu_rows
+    fp16 = out / "digits" / "model.fp16.onnx"
+    fp16.write_bytes(fp16.read_bytes()[: fp16.stat().st_size // 2])
+    rows = run_rows("cpu", models=("digits",), paths=("onnxruntime-fp16", "onnxruntime-fp32"), out_dir=out,
+                    sample_steps=5, log=lambda m: None)
+    failed, fine = rows
+    assert failed.status == "FAILED" and "model.fp16.onnx" in failed.error and "\n" not in failed.error
+    assert fine.status == "ok" and fine.rel_err <= TOLERANCE["fp32"]
+    table = format_table(rows, 5).splitlines()
+    assert "FAILED: OnnxRuntimeError: cannot load ONNX graph" in table[1]
+    assert table[-1] == "FAILED: 1 ok, 1 failed, 0 skipped"
+
+
+def test_the_budget_and_the_row_cap_hold(cpu_rows):
+    out, _, _ = cpu_rows
+    (row,) = run_rows("cpu", models=("digits",), paths=("torch-eager",), out_dir=out, budget_s=0, log=lambda m: None)
+    assert row.status == "skipped" and row.skipped.startswith("not started: the run's time budget")
+    assert row.rel_err is None
+    # A sample that cannot fit the row's cap is not started; what fits is still measured.
+    (row,) = run_rows("cpu", models=("digits",), paths=("torch-eager",), out_dir=out, sample_steps=10 ** 6,
+                      log=lambda m: None)
+    assert row.rel_err is not None and row.ms[2] > 0 and row.sample_s is None
+    assert row.notes and row.notes[-1].startswith("sample: time cap")
+    assert row.status == "ok"  # measured what fitted, and nothing measured failed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the refusal does not apply")
+def test_without_a_gpu_the_command_says_so_in_one_line():
+    done = subprocess.run([sys.executable, "-m", "ditexport", "gpu-check"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: gpu-check needs an NVIDIA GPU")
+
+
+def test_the_rows_import_no_optional_package(cpu_rows):
+    out, _, _ = cpu_rows
+    code = (
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from ditexport.gpu_check import run_rows\n"
+        f"rows = run_rows('cpu', models=('digits',), paths=('torch-eager', 'onnxruntime-fp32'), out_dir={str(out)!r},"
+        " sample_steps=2, log=lambda m: None)\n"
+        "assert [r.status for r in rows] == ['ok', 'ok'], rows\n"
+        "print(sorted(m for m in ('gradio', 'diffusers', 'matplotlib', 'polygraphy', 'tensorrt', 'sklearn',"
+        " 'safetensors', 'onnxscript') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # safetensors reads the built-in weights; nothing optional (demo, VAE, plots, TensorRT) is imported.
+    assert done.stdout.strip().splitlines()[-1] == "['safetensors']"
