@@ -78,7 +78,8 @@ def cmd_info(args) -> int:
     for module in ("onnx", "onnxruntime", "tensorrt", "polygraphy", "gradio", "diffusers"):
         try:
             mod = __import__(module)
-            print(f"{module}: {getattr(mod, '__version__', 'installed')}")
+            # tensorrt-stubs alone makes `tensorrt` importable, with no version: that is not TensorRT.
+            print(f"{module}: {getattr(mod, '__version__', None) or 'not installed (only an empty namespace)'}")
         except ImportError:
             print(f"{module}: not installed")
     print()
@@ -99,19 +100,20 @@ def make_tensorrt_backend(args, model):
     from .artifacts import default_export_dir
     from .backends.tensorrt_backend import TensorRTBackend
     from .build import export_for_backend
-    from .engine import EngineError, find_plan, tensorrt_unavailable_reason
+    from .engine import EngineError, current_environment, find_plan, tensorrt_unavailable_reason
 
     reason = tensorrt_unavailable_reason(for_build=False)
     if reason:
         raise EngineError(f"the tensorrt backend is unavailable: {reason}")
     export_dir = getattr(args, "export_dir", None) or default_export_dir(args.model, args.checkpoint)
     export_dir, _ = export_for_backend(export_dir, model.config)  # validated, and made from this model
-    plan = find_plan(export_dir)
+    device = resolve_device("cuda" if args.device in ("cpu", "auto") else args.device)
+    env = current_environment(device)  # the plan for the GPU asked for (cuda:N), not the current one
+    plan = find_plan(export_dir, environment=env)
     try:
-        cond_plan = find_plan(export_dir, stem="cond")
+        cond_plan = find_plan(export_dir, stem="cond", environment=env)
     except EngineError:
         cond_plan = None  # the conditioning-vector engine is optional
-    device = resolve_device("cuda" if args.device in ("cpu", "auto") else args.device)
     return TensorRTBackend(plan, model.config, cond_plan_path=cond_plan, max_batch=args.max_batch, device=device)
 
 
