@@ -334,7 +334,7 @@ class Sampler:
                 "fixed_log": d.fixed_log_variance, "ac": d.alphas_cumprod, "ac_prev": d.alphas_cumprod_prev,
             }
             names = {k: v[order] for k, v in names.items()}
-        out = {k: torch.from_numpy(np.ascontiguousarray(v)).float().to(device) for k, v in names.items()}
+        out = {k: torch.from_numpy(v).float().to(device) for k, v in names.items()}
         out["t"] = torch.from_numpy(self.timesteps).to(device)
         return out
 
