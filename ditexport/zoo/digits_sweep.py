@@ -38,8 +38,9 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def agreement_noise(row: SweepRow, num_samples: int) -> float:
-    """Seed-to-seed SD of the class agreement, at least the binomial SD of one sample flipping in `num_samples`."""
-    return max(mean_sd(row.class_agreement)[1], (1 / num_samples) ** 0.5 * (1 - 1 / num_samples) ** 0.5)
+    """Seed-to-seed SD of the class agreement, at least one digit of a run (an SD of 0 at 100 % is no noise
+    estimate: it only says no seed missed)."""
+    return max(mean_sd(row.class_agreement)[1], 1 / num_samples)
 
 
 def within_noise(row: SweepRow, reference: SweepRow, num_samples: int) -> bool:
