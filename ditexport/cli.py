@@ -37,10 +37,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="image size of an official latent model (sets input size = size / 8)")
 
 
+SAMPLERS = ("ddpm", "ddim", "dpmpp-2m")  # diffusion.SAMPLING_METHODS, spelled out so --help needs no torch
+SAMPLER_HELP = "ddpm (official), ddim, or dpmpp-2m: DPM-Solver++ (2M), 20-25 steps as diffusers (default: ddpm)"
+
+
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampler")
     g.add_argument("--steps", type=positive_int, default=250, help="sampling steps (default: 250, official)")
-    g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="default: ddpm")
+    g.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help=SAMPLER_HELP)
     g.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (default: 0)")
     g.add_argument("--cfg-scale", type=float, default=4.0,
                    help="classifier-free guidance scale; 1 disables guidance (default: 4.0, official)")
@@ -160,7 +164,7 @@ def make_backend(args, model):
 
 def cmd_sample(args) -> int:
     from .checkpoint import load_model
-    from .images import save_grid
+    from .images import save_grid, save_npz
     from .pipeline import Pipeline, VaeDecoder
 
     model, source = load_model(args.model, args.checkpoint, args.config, args.image_size)
@@ -181,6 +185,9 @@ def cmd_sample(args) -> int:
     path = save_grid(images, args.out, upscale=upscale)
     print(f"wrote {path}: {result.total_s:.2f} s in all, {result.step_ms:.1f} ms per step "
           f"({result.steps} steps, batch {len(labels) * (2 if args.cfg_scale != 1 else 1)} per forward)")
+    if args.npz:
+        n, c, h, w = images.shape
+        print(f"wrote {save_npz(images, args.npz)}: arr_0 of shape ({n}, {h}, {w}, {c}) uint8")
     return 0
 
 
@@ -236,9 +243,10 @@ def cmd_eval(args) -> int:
     backend = TorchBackend(model, device=resolve_device(args.device))
     unguided = "" if args.cfg_scale == 1 else " and without"
     print(f"model: {source}; backend: {backend.describe()}; {args.num_per_class} digits per class, "
-          f"{args.steps} ddpm steps, with guidance {args.cfg_scale:g}{unguided}")
+          f"{args.steps} {args.sampler} steps, with guidance {args.cfg_scale:g}{unguided}")
     report = evaluate_digits(backend, num_per_class=args.num_per_class, num_steps=args.steps,
-                             guidance_scale=args.cfg_scale, seed=args.seed, progress=not args.quiet)
+                             guidance_scale=args.cfg_scale, seed=args.seed, sampler=args.sampler,
+                             progress=not args.quiet)
     print(report.format())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -387,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export to run with --backend onnxruntime/tensorrt (default: exports/<model name>)")
     p.add_argument("--vae", default=None, help="local directory of a diffusers AutoencoderKL (latent models)")
     p.add_argument("--out", default="samples.png", help="output PNG (default: samples.png)")
+    p.add_argument("--npz", default=None, metavar="PATH",
+                   help="also write the samples for FID as the official sample_ddp.py: arr_0, N x H x W x C uint8")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
@@ -430,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "a Fréchet distance in pixel space beside the real-vs-real floor.")
     add_model_arguments(p)
     p.add_argument("--num-per-class", type=positive_int, default=100, help="digits per class (default: 100)")
-    p.add_argument("--steps", type=positive_int, default=250, help="DDPM sampling steps (default: 250)")
+    p.add_argument("--steps", type=positive_int, default=250, help="sampling steps (default: 250)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help=SAMPLER_HELP)
     p.add_argument("--cfg-scale", type=float, default=4.0,
                    help="guidance scale; the unguided scale 1 is always measured beside it (default: 4.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")

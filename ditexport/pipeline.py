@@ -97,5 +97,5 @@ class Pipeline:
         images = ((images.float().clamp(-1, 1) + 1) / 2).cpu()
         done = time.perf_counter()
         return SampleResult(images=images, labels=[int(v) for v in labels], seed=seed, backend=self.backend.name,
-                            precision=self.backend.precision, steps=sampler.diffusion.num_timesteps,
+                            precision=self.backend.precision, steps=sampler.num_steps,
                             total_s=done - start, sampler_s=sampled - start, decode_s=done - sampled)

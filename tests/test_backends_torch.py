@@ -110,7 +110,7 @@ def _sample_on_meta(backend, cfg, method="ddpm"):
     return sampler.run(backend, x_T.to("meta"), torch.tensor([1, 2]), noise)
 
 
-@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+@pytest.mark.parametrize("method", ["ddpm", "ddim", "dpmpp-2m"])
 def test_sampler_and_torch_backend_never_read_device_values(method):
     # Meta tensors carry shapes but no data: any .item(), bool(tensor), .tolist() or copy to the host raises.
     # The guided chain completing on them proves no step waits on a device value (on CUDA: no host sync).

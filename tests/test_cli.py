@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ditexport.cli import main
@@ -53,3 +54,28 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 def test_help_lists_commands():
     proc = run_cli("--help")
     assert proc.returncode == 0 and "sample" in proc.stdout and "info" in proc.stdout
+
+
+def test_sampler_choices_are_the_samplers_methods():
+    from ditexport.cli import SAMPLERS
+    from ditexport.diffusion import SAMPLING_METHODS
+
+    assert SAMPLERS == SAMPLING_METHODS
+
+
+def test_dpm_solver_sample_writes_the_png_and_the_npz_of_the_default_model(tmp_path, capsys):
+    png, npz = tmp_path / "grid.png", tmp_path / "s.npz"
+    assert main(["sample", "--sampler", "dpmpp-2m", "--steps", "20", "--npz", str(npz), "--out", str(png),
+                 "--quiet"]) == 0
+    assert f"wrote {npz}: arr_0 of shape (8, 8, 8, 1) uint8" in capsys.readouterr().out
+    with np.load(npz) as data:
+        arr = data["arr_0"]
+    assert arr.shape == (8, 8, 8, 1) and arr.dtype == np.uint8
+    grid = np.asarray(Image.open(png))  # one row of 8 tiles, each upscaled 8x, 2 px padding
+    tiles = [grid[2:2 + 64, 2 + i * 66:2 + i * 66 + 64][::8, ::8] for i in range(8)]
+    assert all(np.array_equal(tile, arr[i, :, :, 0]) for i, tile in enumerate(tiles))
+    from ditexport.zoo.digits_eval import DigitsReference
+
+    labels = [i % 10 for i in range(8)]  # the default labels: cycling through the classes
+    agreement, _ = DigitsReference().class_agreement(torch.from_numpy(arr).permute(0, 3, 1, 2) / 255.0, labels)
+    assert agreement >= 7 / 8  # 20 solver steps draw the requested digits

@@ -9,6 +9,7 @@ import torch
 from ditexport import cli
 from ditexport.backends import TorchBackend
 from ditexport.model import create_model
+from ditexport.zoo import load_builtin
 from ditexport.zoo.digits_eval import DigitsReference, evaluate_digits, frechet_distance
 
 
@@ -72,3 +73,18 @@ def test_eval_command_prints_and_writes_the_report(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["model"] == "built-in model 'digits'" and report["num_per_class"] == 2
     assert [s["guidance_scale"] for s in report["scores"]] == [4.0, 1.0]
+
+
+def test_eval_command_takes_the_sampler(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", "--sampler", "dpmpp-2m", "--steps", "5", "--num-per-class", "2", "--json", str(out),
+                     "--quiet"]) == 0
+    assert "5 dpmpp-2m steps" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert (report["sampler"], report["num_steps"]) == ("dpmpp-2m", 5)
+    backend = TorchBackend(load_builtin("digits"))
+    frechet = {name: [s.frechet_distance for s in evaluate_digits(backend, num_per_class=2, num_steps=5,
+                                                                  sampler=name).scores]
+               for name in ("dpmpp-2m", "ddim")}
+    assert [s["frechet_distance"] for s in report["scores"]] == pytest.approx(frechet["dpmpp-2m"], rel=1e-6)
+    assert frechet["dpmpp-2m"] != pytest.approx(frechet["ddim"], rel=1e-3)  # the solver, not DDIM, made them
