@@ -1,0 +1,31 @@
+"""Progress of long stages: a line every few seconds while one runs, so that a big build is never silent.
+
+A DiT-XL/2 build spends minutes in single calls (tracing, saving 2.7 GB graphs, ONNX Runtime sessions,
+hashing); a stage that ends within `every_s` prints nothing extra, so small models keep their short output.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+HEARTBEAT_S = 10.0  # the longest silence while a stage runs
+
+
+@contextmanager
+def heartbeat(log, stage: str, every_s: float = HEARTBEAT_S):
+    """Runs the block; every `every_s` seconds while it runs, logs `<stage> … <elapsed> s` from a helper thread."""
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def beat():
+        while not done.wait(every_s):
+            log(f"{stage} … {time.perf_counter() - start:.0f} s")
+
+    thread = threading.Thread(target=beat, name="ditexport-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
