@@ -13,8 +13,10 @@ HEARTBEAT_S = 10.0  # the longest silence while a stage runs
 
 
 @contextmanager
-def heartbeat(log, stage: str, every_s: float = HEARTBEAT_S):
-    """Runs the block; every `every_s` seconds while it runs, logs `<stage> … <elapsed> s` from a helper thread."""
+def heartbeat(log, stage: str, every_s: float | None = None):
+    """Runs the block; every `every_s` seconds (default HEARTBEAT_S) while it runs, logs `<stage> … <elapsed> s`
+    from a helper thread."""
+    every_s = every_s or HEARTBEAT_S
     done = threading.Event()
     start = time.perf_counter()
 
