@@ -432,7 +432,7 @@ def cmd_validate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m ditexport",
-                                     description="Export, validate, compile and serve class-conditional DiTs.")
+                            description="Export, validate, compile and serve class-conditional DiTs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="versions, devices and the model registry")
