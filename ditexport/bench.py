@@ -31,7 +31,7 @@ BASELINE = "torch-eager"
 GUIDED_BATCHES = (2, 8, 32, 64)
 SAMPLING_STEPS = (250, 50)
 # A measurement whose slowest timed call exceeds its fastest by more than this share of the median was
-# disturbed by other work (see docs/gpu.md, "Unstable timings", for the spreads measured idle and loaded).
+# disturbed by other work: quiet CPU runs spread 3-36 %, shared ones 84 % and more (docs/gpu.md, "Unstable timings").
 UNSTABLE_SPREAD = 0.5
 
 
