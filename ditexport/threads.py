@@ -1,18 +1,18 @@
 """CPU threads for torch and ONNX Runtime: one decision, made the same way for every command.
 
-With one thread per core (torch's own default), every parallel region waits for its slowest thread, so a
-second process on one core of a 2-core machine slowed `sample` of the digits model from 6.6 to 14.8-34.7 ms
-per step (README, "CPU threads"). The default therefore leaves a core free, and gives small models one
-thread: their matrix products are too small to gain from more. ONNX Runtime sessions created without an
-explicit thread count follow torch's count (`backends.onnxruntime_backend.session_options`).
+With one thread per core (torch's own default), every parallel region waits for its slowest thread, so on
+the shared 2-core development machine the default `sample` of the digits model took 35.7 s on 2 threads and
+3.5 s on 1 (README, "CPU threads"). The default therefore gives small models one thread and leaves bigger
+ones every core but one. ONNX Runtime sessions created without an explicit thread count follow torch's
+count (`backends.onnxruntime_backend.session_options`).
 """
 from __future__ import annotations
 
 import functools
 import os
 
-# Width (hidden size) up to which one thread is the default: the digits model (128) and DiT-tiny (64)
-# measured no faster on two idle cores and up to 5x slower on two busy ones; DiT-S/2 (384) gains from two.
+# Width (hidden size) up to which one thread is the default: the digits model (128) gained at most 1.6x from
+# a free second core and lost up to 10x to a busy one; DiT-B/2 (768) gained 1.9x from a free core (README).
 SMALL_MODEL_WIDTH = 256
 
 
