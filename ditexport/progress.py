@@ -15,13 +15,16 @@ HEARTBEAT_S = 10.0  # the longest silence while a stage runs
 @contextmanager
 def heartbeat(log, stage: str, every_s: float | None = None):
     """Runs the block; every `every_s` seconds (default HEARTBEAT_S) while it runs, logs `<stage> … <elapsed> s`
-    from a helper thread."""
+    from a helper thread, and `<stage>: done in <elapsed> s` at the end of a stage that logged, so the silence
+    before the next stage's first line is one interval too."""
     every_s = every_s or HEARTBEAT_S
     done = threading.Event()
     start = time.perf_counter()
+    beats = []
 
     def beat():
         while not done.wait(every_s):
+            beats.append(1)
             log(f"{stage} … {time.perf_counter() - start:.0f} s")
 
     thread = threading.Thread(target=beat, name="ditexport-heartbeat", daemon=True)
@@ -31,3 +34,5 @@ def heartbeat(log, stage: str, every_s: float | None = None):
     finally:
         done.set()
         thread.join()
+    if beats:  # reached only when the stage succeeded
+        log(f"{stage}: done in {time.perf_counter() - start:.0f} s")

@@ -23,16 +23,23 @@ def test_a_long_stage_is_announced_while_it_runs():
     with progress.heartbeat(log, "export: tracing", every_s=0.01):
         assert heard.wait(timeout=60)  # the block runs until the first heartbeat line has arrived
     assert re.fullmatch(r"export: tracing … \d+ s", lines[0])
+    assert re.fullmatch(r"export: tracing: done in \d+ s", lines[-1])  # the stage's end, at once
     count = len(lines)
     heard.clear()
     assert not heard.wait(timeout=0.05) and len(lines) == count  # silent once the stage is over
 
 
-def test_a_quick_stage_adds_no_line():
+def test_a_quick_stage_adds_no_line_and_a_failed_one_no_done_line():
     lines = []
     with progress.heartbeat(lines.append, "validate: quick", every_s=60):
         pass
     assert lines == []
+    heard = threading.Event()
+    with pytest.raises(KeyError):
+        with progress.heartbeat(lambda message: (lines.append(message), heard.set()), "export: failing", every_s=0.01):
+            assert heard.wait(timeout=60)
+            raise KeyError("the stage failed")
+    assert lines and not any("done in" in line for line in lines)
 
 
 def test_every_stage_of_export_and_validation_is_announced(tmp_path, monkeypatch):
@@ -54,6 +61,7 @@ def test_every_stage_of_export_and_validation_is_announced(tmp_path, monkeypatch
                       "validate: sampling through model.onnx (2 images, 2 ddpm steps)",
                       "validate: sampling through model.fp16.onnx (2 images, 2 ddpm steps)"}, stages
     # Each stage's result line carries its time.
-    results = [line for line in lines if line.startswith("validate: ") and " … " not in line]
+    results = [line for line in lines
+               if line.startswith("validate: ") and " … " not in line and ": done in" not in line]
     assert len(results) == 5 and all(re.search(r"\(\d+\.\d s\)$", line) for line in results), results
     assert report.passed

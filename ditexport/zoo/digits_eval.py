@@ -162,7 +162,8 @@ LEARNED_AGREEMENT = 0.8
 
 
 def quick_class_agreement(model, per_class: int = QUICK_PER_CLASS, num_steps: int = QUICK_STEPS,
-                          guidance_scale: float = 4.0, seed: int = 0, reference: DigitsReference | None = None) -> float:
+                          guidance_scale: float = 4.0, seed: int = 0,
+                          reference: DigitsReference | None = None) -> float:
     """Share of `per_class` guided samples of every class that the real-digit classifier reads as the requested
     class: a check of seconds that a freshly trained model learned the digits (chance: 10 %)."""
     from ..backends import TorchBackend
