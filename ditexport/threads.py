@@ -1,9 +1,9 @@
 """CPU threads for torch and ONNX Runtime: one decision, made the same way for every command.
 
 With one thread per core (torch's own default), every parallel region waits for its slowest thread, so on
-the shared 2-core development machine the default `sample` of the digits model took 35.7 s on 2 threads and
-3.5 s on 1 (README, "CPU threads"). The default therefore gives small models one thread and leaves bigger
-ones every core but one. ONNX Runtime sessions created without an explicit thread count follow torch's
+the 2-core development machine the default `sample` of the digits model took 4.4 s on 2 threads and 2.0 s on
+1 beside one busy process, and 35.7 s against 3.5 s under a load of 5 (README, "CPU threads"). The default
+therefore gives small models one thread and leaves bigger ones every core but one. ONNX Runtime sessions created without an explicit thread count follow torch's
 count (`backends.onnxruntime_backend.session_options`).
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import os
 
-# Width (hidden size) up to which one thread is the default: the digits model (128) gained at most 1.6x from
-# a free second core and lost up to 10x to a busy one; DiT-B/2 (768) gained 1.9x from a free core (README).
+# Width (hidden size) up to which one thread is the default: the digits model (128) gained 1.3x from a free
+# second core and lost 2.2x (10x under heavy load) when it was busy; DiT-S/2 (384) and B/2 gained 1.9x (README).
 SMALL_MODEL_WIDTH = 256
 
 
