@@ -600,7 +600,7 @@ def export_graphs(model: DiT, out_dir: str | Path, *, precisions=PRECISIONS, gra
             start = time.perf_counter()
             fp32_path = out_dir / onnx_filename(graph, "fp32") if "fp32" in precisions else \
                 Path(scratch) / onnx_filename(graph, "fp32")
-            with heartbeat(log, f"export: tracing the {graph} graph (torch.onnx.export, dynamo)"):
+            with heartbeat(log, f"export: tracing the {graph} graph (torch.onnx.export, dynamo)", end_line=True):
                 proto = _torch_to_onnx(model, graph, opset, batch)
             with heartbeat(log, f"export: cleaning up and writing {fp32_path.name}"):
                 save_onnx(_finish(proto, model.config, graph, "fp32", opset), fp32_path, external_data_threshold)

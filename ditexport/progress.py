@@ -13,10 +13,10 @@ HEARTBEAT_S = 10.0  # the longest silence while a stage runs
 
 
 @contextmanager
-def heartbeat(log, stage: str, every_s: float | None = None):
+def heartbeat(log, stage: str, every_s: float | None = None, end_line: bool = False):
     """Runs the block; every `every_s` seconds (default HEARTBEAT_S) while it runs, logs `<stage> … <elapsed> s`
-    from a helper thread, and `<stage>: done in <elapsed> s` at the end of a stage that logged, so the silence
-    before the next stage's first line is one interval too."""
+    from a helper thread. With `end_line`, for a stage whose caller prints nothing when it ends, a stage that
+    logged also ends with `<stage>: done in <elapsed> s`, so the next stage's first line is one interval away."""
     every_s = every_s or HEARTBEAT_S
     done = threading.Event()
     start = time.perf_counter()
@@ -34,5 +34,5 @@ def heartbeat(log, stage: str, every_s: float | None = None):
     finally:
         done.set()
         thread.join()
-    if beats:  # reached only when the stage succeeded
+    if beats and end_line:  # reached only when the stage succeeded
         log(f"{stage}: done in {time.perf_counter() - start:.0f} s")

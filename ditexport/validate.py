@@ -388,14 +388,14 @@ def sample_parity(model: DiT, backends: dict[str, object], *, labels: list[int],
         guidance_scale = 1.0
     sampler_cfg = SamplerConfig(num_steps=steps, method=method, guidance_scale=guidance_scale)
     what = f"{len(labels)} images, {steps} {method} steps"
-    with heartbeat(log, f"validate: sampling the torch reference ({what})"):
+    with heartbeat(log, f"validate: sampling the torch reference ({what})", end_line=True):
         reference = Pipeline(TorchBackend(model))(labels, seed=seed, sampler_cfg=sampler_cfg, progress=False).images
     classifier = _digits_reference() if _is_digits_config(model.config) else None
     torch_classes = classifier.predict(reference).tolist() if classifier is not None else None
     checks = []
     for file, backend in backends.items():
         start = time.perf_counter()
-        with heartbeat(log, f"validate: sampling through {file} ({what})"):
+        with heartbeat(log, f"validate: sampling through {file} ({what})", end_line=True):
             owned = not isinstance(backend, Backend)
             backend = backend() if owned else backend
             images = Pipeline(backend)(labels, seed=seed, sampler_cfg=sampler_cfg, progress=False).images

@@ -20,13 +20,21 @@ def test_a_long_stage_is_announced_while_it_runs():
         lines.append(message)
         heard.set()
 
-    with progress.heartbeat(log, "export: tracing", every_s=0.01):
+    with progress.heartbeat(log, "export: tracing", every_s=0.01, end_line=True):
         assert heard.wait(timeout=60)  # the block runs until the first heartbeat line has arrived
     assert re.fullmatch(r"export: tracing … \d+ s", lines[0])
     assert re.fullmatch(r"export: tracing: done in \d+ s", lines[-1])  # the stage's end, at once
     count = len(lines)
     heard.clear()
     assert not heard.wait(timeout=0.05) and len(lines) == count  # silent once the stage is over
+
+
+def test_without_end_line_the_callers_result_line_ends_the_stage():
+    lines, heard = [], threading.Event()
+    with progress.heartbeat(lambda message: (lines.append(message), heard.set()), "validate: model.onnx",
+                            every_s=0.01):
+        assert heard.wait(timeout=60)
+    assert lines and all(" … " in line for line in lines)
 
 
 def test_a_quick_stage_adds_no_line_and_a_failed_one_no_done_line():
@@ -36,7 +44,8 @@ def test_a_quick_stage_adds_no_line_and_a_failed_one_no_done_line():
     assert lines == []
     heard = threading.Event()
     with pytest.raises(KeyError):
-        with progress.heartbeat(lambda message: (lines.append(message), heard.set()), "export: failing", every_s=0.01):
+        with progress.heartbeat(lambda message: (lines.append(message), heard.set()), "export: failing",
+                                every_s=0.01, end_line=True):
             assert heard.wait(timeout=60)
             raise KeyError("the stage failed")
     assert lines and not any("done in" in line for line in lines)
