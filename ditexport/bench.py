@@ -15,8 +15,9 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,6 +30,9 @@ BENCH_BACKENDS = ("torch-eager", "torch-cuda-graph", "torch-compile", "onnxrunti
 BASELINE = "torch-eager"
 GUIDED_BATCHES = (2, 8, 32, 64)
 SAMPLING_STEPS = (250, 50)
+# A measurement whose slowest timed call exceeds its fastest by more than this share of the median was
+# disturbed by other work: quiet CPU runs spread 3-36 %, shared ones 84 % and more (docs/gpu.md, "Unstable timings").
+UNSTABLE_SPREAD = 0.5
 
 
 class Skip(Exception):
@@ -104,6 +108,30 @@ def time_calls(fn, device: torch.device, warmup: int, iters: int) -> list[float]
     return times
 
 
+def timing_spread(times: list[float]) -> float:
+    """(slowest - fastest) / median of one measurement's timed calls: near 0 when nothing else ran."""
+    return (max(times) - min(times)) / statistics.median(times)
+
+
+def unstable_rows(report: dict) -> list[dict]:
+    """Results whose timed calls spread more than UNSTABLE_SPREAD: their medians, and ratios, are not to be trusted."""
+    return [r for r in report["results"] if r["spread"] > UNSTABLE_SPREAD]
+
+
+def stability_warning(report: dict) -> str | None:
+    """One line naming the unstable rows and what to do about them, or None when every row is stable."""
+    rows = unstable_rows(report)
+    if not rows:
+        return None
+    worst = max(rows, key=lambda r: r["spread"])
+    return (f"warning: {len(rows)} of {len(report['results'])} measurements are unstable (slowest call more than "
+            f"{100 * UNSTABLE_SPREAD:.0f} % of the median above the fastest; worst {worst['backend']} batch "
+            f"{_row_key(worst['batch'], worst['guided'])}: {100 * worst['spread']:.0f} %): something else used this "
+            f"{'GPU' if report['machine']['gpu'] else 'CPU'}, so times, their order across batches and the x eager "
+            f"ratios may not hold; rerun on an idle machine" + ("" if report["machine"]["gpu"] else
+                                                                 " or with fewer --torch-threads"))
+
+
 def forward_inputs(cfg: DiTConfig, batch: int, guided: bool, device: torch.device, seed: int = 0):
     """x, t, y as the sampler feeds them: guided batches carry [labels; null] labels."""
     gen = torch.Generator().manual_seed(seed)
@@ -165,63 +193,36 @@ def fp16_matmul_tflops(device: torch.device, size: int, iters: int = 20) -> floa
 
 @dataclass
 class BenchContext:
-    """What backend factories need: the pristine fp32 model, where to run, and the ONNX/plan files."""
+    """What backend factories need: the pristine fp32 model, where to run, and the export to take graphs from."""
     model: DiT
     device: torch.device
     settings: BenchSettings
-    export_dir: Path
     max_batch: int
+    engine_dir: Path                                # where the bench builds its own TensorRT engine
     log: callable = print
-    onnx_paths: dict = field(default_factory=dict)
+    export: Callable[[], Path] | None = None        # the validated export (`build`'s, built when missing)
+    _export_dir: Path | None = None
+
+    def export_dir(self) -> Path:
+        """The export directory: from `export` (resolved once), else --export-dir as it is."""
+        if self._export_dir is None:
+            if self.export is not None:
+                self._export_dir = Path(self.export())
+            elif self.settings.export_dir is not None:
+                self._export_dir = Path(self.settings.export_dir)
+            else:
+                raise Skip("no export to take the ONNX graphs from: build one (python -m ditexport build) "
+                           "and pass --export-dir")
+        return self._export_dir
 
     def onnx(self, precision: str) -> Path:
-        """The (x, t, y) ONNX graph of a precision: from --export-dir, from an earlier bench of the same
-        weights, or exported now."""
-        from .artifacts import atomic_write_json, onnx_filename
+        """The (x, t, y) ONNX graph of a precision in the export."""
+        from .artifacts import onnx_filename
 
-        if precision in self.onnx_paths:
-            return self.onnx_paths[precision]
-        path = self.export_dir / onnx_filename("xty", precision)
-        if self.settings.export_dir is not None:
-            if not path.is_file():
-                raise Skip(f"{path} is missing from --export-dir (build it with: python -m ditexport build)")
-        else:
-            # Each file is reused only while the weights, config and torch that made it are unchanged.
-            stamp_path = self.export_dir / "bench-export.json"
-            identity = {"weights": weights_fingerprint(self.model), "config": self.model.config.to_dict(),
-                        "torch": torch.__version__}
-            stamps = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
-            if path.is_file() and stamps.get(precision) == identity:
-                self.log(f"  found cached ONNX {path}")
-            else:
-                self.export_dir.mkdir(parents=True, exist_ok=True)
-                stamps.pop(precision, None)
-                atomic_write_json(stamp_path, stamps)
-                try:
-                    from .export import export_graphs
-
-                    export_graphs(self.model, self.export_dir, precisions=(precision,), graphs=("xty",),
-                                  log=lambda m: self.log(f"  {m}"))
-                except ImportError as e:  # the exporter's own optional dependencies
-                    raise Skip(f"the ONNX export is unavailable ({e})") from None
-                stamps[precision] = identity
-                atomic_write_json(stamp_path, stamps)
-        self.onnx_paths[precision] = path
+        path = self.export_dir() / onnx_filename("xty", precision)
+        if not path.is_file():
+            raise Skip(f"the export has no {precision} graph ({path}); rebuild it with --precision fp32,{precision}")
         return path
-
-
-def weights_fingerprint(model: DiT) -> str:
-    """A cheap identity of a model's weights (a hash over a slice of every tensor), to reuse exports safely."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(flat[:4096].float().cpu().numpy().tobytes())
-        h.update(flat[-4096:].float().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _torch_backend(ctx: BenchContext, name: str):
@@ -272,9 +273,12 @@ def _tensorrt_backend(ctx: BenchContext, name: str):
 
     env = current_environment(ctx.device)
     if ctx.settings.export_dir is not None:
-        plan = find_plan(ctx.export_dir, environment=env)  # built by `build`: one profile, opt at its max
+        plan = find_plan(ctx.export_dir(), environment=env)  # built by `build`: one profile, opt at its max
     else:
-        plan = plan_path_for(ctx.export_dir, environment=env)
+        # The bench's own engine, from the export's graph, kept apart from the export's engines (which cover
+        # `build --max-batch` only).
+        ctx.engine_dir.mkdir(parents=True, exist_ok=True)
+        plan = plan_path_for(ctx.engine_dir, environment=env)
         fp16 = ctx.onnx("fp16")
         # One optimization profile per timed batch, its opt at that batch: each row is timed on kernels
         # chosen for its own size, in one plan (see docs/gpu.md).
@@ -324,8 +328,13 @@ def _rows(settings: BenchSettings) -> list[tuple[int, bool]]:
     return rows
 
 
-def run_bench(model: DiT, source: str, settings: BenchSettings, log=print) -> dict:
-    """Measures every backend on `model`; returns the JSON-ready report (see the module docstring)."""
+def run_bench(model: DiT, source: str, settings: BenchSettings, log=print,
+              export: Callable[[], Path] | None = None) -> dict:
+    """Measures every backend on `model`; returns the JSON-ready report (see the module docstring).
+
+    `export` returns the validated export whose ONNX graphs the onnxruntime and tensorrt rows run (the CLI
+    passes `build.ensure_export`); without it they take --export-dir as it is.
+    """
     for b in settings.batch_sizes:
         if b < 2 or b % 2:
             raise ValueError(f"guided batch sizes are even and at least 2 (2 rows per image), got {b}")
@@ -340,10 +349,11 @@ def run_bench(model: DiT, source: str, settings: BenchSettings, log=print) -> di
         raise DitexportError(f"unknown bench backend(s) {', '.join(unknown)}; choose from {', '.join(BENCH_BACKENDS)}")
     names = list(dict.fromkeys([BASELINE, *requested]))  # the baseline always runs, and runs first
     model = model.float().cpu().eval()
-    export_dir = Path(settings.export_dir) if settings.export_dir else \
-        Path(settings.out_dir) / _slug(source, cfg)
-    ctx = BenchContext(model, device, settings, export_dir, max(b for b, _ in rows), log)
+    ctx = BenchContext(model, device, settings, max(b for b, _ in rows), Path(settings.out_dir) / _slug(source, cfg),
+                       log, export)
     gpu = device.type == "cuda"
+    if export is not None and any(not name.startswith("torch") for name in names):
+        ctx.export_dir()  # found or built first, so that a refusal comes before minutes of measuring
 
     report = {
         "model": {"source": source, "config": cfg.to_dict(), "params": sum(p.numel() for p in model.parameters()),
@@ -404,7 +414,7 @@ def _measure_backend(backend, name, rows, ctx: BenchContext, report: dict, log) 
         sampler_ms = report["sampler_ms_per_step"][_row_key(batch, guided)]
         row = {"backend": name, "precision": backend.precision, "device": str(device), "batch": batch,
                "guided": guided, "images_per_forward": images, "ms_per_forward": ms,
-               "ms_min": min(times), "ms_max": max(times), "iters": len(times),
+               "ms_min": min(times), "ms_max": max(times), "iters": len(times), "spread": timing_spread(times),
                # A batch above the backend's max (e.g. an engine's profile) runs as several forwards.
                "split_into_batches_of": backend.max_batch if backend.max_batch and batch > backend.max_batch
                else None}
@@ -414,7 +424,8 @@ def _measure_backend(backend, name, rows, ctx: BenchContext, report: dict, log) 
         row["tflops"] = achieved
         row["pct_fp16_matmul_peak"] = 100 * achieved / tflops if tflops else None
         report["results"].append(row)
-        log(f"  batch {_row_key(batch, guided):>4}: {ms:9.3f} ms per forward")
+        unstable = f"  (spread {100 * row['spread']:.0f} %: unstable)" if row["spread"] > UNSTABLE_SPREAD else ""
+        log(f"  batch {_row_key(batch, guided):>4}: {ms:9.3f} ms per forward{unstable}")
     if any(guided for _, guided in rows):
         report["end_to_end"].append(_end_to_end(backend, name, ctx, report))
         e2e = report["end_to_end"][-1]
@@ -489,13 +500,13 @@ def _machine(device: torch.device) -> dict:
 def format_table(report: dict) -> str:
     """The short table printed last: one line per backend and batch, then one per failed backend."""
     lines = [f"{'backend':<18} {'prec':<5} {'batch':>5} {'ms/fwd':>9} {'img/s@250':>10} {'img/s@50':>9} "
-             f"{'%fp16':>6} {'x eager':>8}"]
+             f"{'%fp16':>6} {'x eager':>8} {'spread':>7}"]
     for r in report["results"]:
         pct = f"{r['pct_fp16_matmul_peak']:.1f}" if r["pct_fp16_matmul_peak"] is not None else "-"
         ratio = f"{r['speedup_vs_torch_eager']:.2f}" if r["speedup_vs_torch_eager"] is not None else "-"
         lines.append(f"{r['backend']:<18} {r['precision']:<5} {_row_key(r['batch'], r['guided']):>5} "
                      f"{r['ms_per_forward']:>9.3f} {r['images_per_s_250']:>10.3g} {r['images_per_s_50']:>9.3g} "
-                     f"{pct:>6} {ratio:>8}")
+                     f"{pct:>6} {ratio:>8} {100 * r['spread']:>5.0f} %{'!' if r['spread'] > UNSTABLE_SPREAD else ''}")
     for failed in report.get("failed", []):
         lines.append(f"{failed['backend']:<18} FAILED: {failed['error']}")
     return "\n".join(lines)

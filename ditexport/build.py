@@ -16,6 +16,7 @@ from .checkpoint import sha256_file
 from .errors import DitexportError
 from .export import DEFAULT_MAX_BATCH_IMAGES, DEFAULT_OPSET, GRAPHS, PRECISIONS, BatchProfile, export_graphs, io_spec
 from .model import DiT, DiTConfig
+from .progress import heartbeat
 
 
 def parse_precisions(text: str) -> tuple[str, ...]:
@@ -81,7 +82,7 @@ def build_inputs(config: DiTConfig, source: dict, precisions, max_images: int, o
             "tools": artifacts.tool_versions()}
 
 
-def up_to_date(export_dir: Path, inputs: dict) -> str | None:
+def up_to_date(export_dir: Path, inputs: dict, log=print) -> str | None:
     """Why the export in `export_dir` can be reused (None when it must be rebuilt)."""
     try:
         manifest = artifacts.read_manifest(export_dir)
@@ -89,8 +90,9 @@ def up_to_date(export_dir: Path, inputs: dict) -> str | None:
         return None
     if manifest.get("inputs") != inputs or not manifest.get("validation", {}).get("passed"):
         return None
-    if artifacts.verify_files(export_dir, manifest["files"]):
-        return None
+    with heartbeat(log, f"build: checking the SHA-256 of {len(manifest['files'])} files in {export_dir}"):
+        if artifacts.verify_files(export_dir, manifest["files"]):
+            return None
     return f"validated {manifest.get('created', '')}, {len(manifest['files'])} files match their hashes"
 
 
@@ -119,8 +121,9 @@ def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log, rebu
         onnx_path = export_dir / onnx_filename(graph, precision)
         plan_path = engine.plan_path_for(export_dir, stem)
         start = time.perf_counter()
-        meta = engine.build_engine(onnx_path, plan_path, min_batch=profile.min, opt_batch=profile.opt,
-                                   max_batch=profile.max, rebuild_command=rebuild_command)
+        with heartbeat(log, f"engine: building {plan_path.name} from {onnx_path.name}"):
+            meta = engine.build_engine(onnx_path, plan_path, min_batch=profile.min, opt_batch=profile.opt,
+                                       max_batch=profile.max, rebuild_command=rebuild_command)
         log(f"engine: {plan_path.name} from {onnx_path.name} ({time.perf_counter() - start:.1f} s)")
         plans[stem] = {"plan": plan_path.name, "onnx": onnx_path.name,
                        "tensorrt_version": meta.get("tensorrt_version"), "gpu_name": meta.get("gpu_name")}
@@ -137,7 +140,7 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions
     export_dir = artifacts.ensure_writable_dir(export_dir)
     inputs = build_inputs(model.config, source, precisions, max_images, opset)
     profile = BatchProfile.for_images(max_images, guided=model.config.has_null_class)
-    if not force and (why := up_to_date(export_dir, inputs)):
+    if not force and (why := up_to_date(export_dir, inputs, log)):
         log(f"{export_dir}: up to date ({why}); use --force to rebuild")
         return _add_missing_engines(export_dir, model, precisions, profile, log, rebuild_command)
     artifacts.remove_manifest(export_dir)
@@ -153,9 +156,10 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions
     elif engine["status"] == "built":
         _check_engines(export_dir, model, report, log)
     files = {}
-    for path in sorted(paths.values()):
-        for f in (path, *artifacts.external_data_files(path)):
-            files[f.name] = artifacts.file_record(f)
+    with heartbeat(log, "build: hashing the files for the manifest"):
+        for path in sorted(paths.values()):
+            for f in (path, *artifacts.external_data_files(path)):
+                files[f.name] = artifacts.file_record(f)
     manifest = {
         "format": artifacts.MANIFEST_FORMAT,
         "name": export_dir.name,
@@ -234,6 +238,28 @@ def revalidate(export_dir: str | Path, *, sample_steps: int | None = None, log=p
                                   timespec="seconds")}
     artifacts.write_manifest(export_dir, manifest)
     return 0 if report.passed else 1
+
+
+def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_name: str = "",
+                  log=print) -> tuple[Path, dict]:
+    """The validated export of `model` in `export_dir`, as `build` makes it, built there first when there is none.
+
+    An existing export is reused whatever options built it; one of another config or other weights, or one
+    that failed validation, is refused with a one-line error, never overwritten.
+    """
+    export_dir = Path(export_dir)
+    cached = (export_dir / artifacts.MANIFEST_NAME).is_file()
+    if not cached:
+        log(f"{export_dir}: no complete export yet; building it as `python -m ditexport build` would")
+        build_export(model, source, export_dir, model_name=model_name, log=log)
+    export_dir, manifest = export_for_backend(export_dir, model.config)
+    weights = build_inputs(model.config, source, (), 0, 0)["weights"]
+    if manifest.get("inputs", {}).get("weights") != weights:
+        raise ArtifactError(f"the export in {export_dir} was built from other weights than {model_name or 'this model'}"
+                            "; pass another --export-dir, or rebuild it with: python -m ditexport build --force")
+    if cached:
+        log(f"{export_dir}: found cached ONNX export, validated {manifest.get('created', '(date unknown)')}")
+    return export_dir, manifest
 
 
 def export_for_backend(export_dir: str | Path, config: DiTConfig | None = None) -> tuple[Path, dict]:

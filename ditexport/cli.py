@@ -13,6 +13,13 @@ from .errors import DitexportError
 USER_ERRORS = (DitexportError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other user error (argparse prints its usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
 def parse_labels(text: str) -> list[int]:
     try:
         return [int(v) for v in text.replace(" ", "").split(",") if v != ""]
@@ -51,6 +58,28 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guide-all-channels", action="store_true",
                    help="guide every latent channel (diffusers) instead of the official first 3")
     g.add_argument("--seed", type=int, default=0, help="seed of the one CPU generator behind all noise")
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--torch-threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads of torch and ONNX Runtime (default: OMP_NUM_THREADS if set, else 1 for models "
+                        "of width <= 256 such as the built-in one, else the usable cores less one)")
+
+
+def set_threads(args, hidden_size: int | None) -> str:
+    """Applies --torch-threads (or the default for this model width); returns the text for the run's banner."""
+    from .threads import describe_threads, resolve_threads
+
+    return describe_threads(*resolve_threads(args.torch_threads, hidden_size))
+
+
+def load_cli_model(args):
+    """The model of the model flags, with a line every 10 s while a big one is built (DiT-XL/2: about 25 s)."""
+    from .checkpoint import load_model
+    from .progress import heartbeat
+
+    with heartbeat(print, f"model: loading {args.checkpoint or args.model or 'digits'}"):
+        return load_model(args.model, args.checkpoint, args.config, args.image_size)
 
 
 def sampler_config(args):
@@ -162,22 +191,41 @@ def make_backend(args, model):
     raise DitexportError(f"backend {args.backend!r} is not available in this build")
 
 
-def cmd_sample(args) -> int:
-    from .checkpoint import load_model
-    from .images import save_grid, save_npz
-    from .pipeline import Pipeline, VaeDecoder
+def check_backend_available(args) -> None:
+    """The cheap checks of --backend, --device and --precision, made before the model is built (which takes
+    DiT-XL/2 about 25 s), so that a missing runtime or GPU is refused at once."""
+    if args.backend == "tensorrt":
+        from .engine import EngineError, tensorrt_unavailable_reason
 
-    model, source = load_model(args.model, args.checkpoint, args.config, args.image_size)
+        reason = tensorrt_unavailable_reason(for_build=False)
+        if reason:
+            raise EngineError(f"the tensorrt backend is unavailable: {reason}")
+    elif args.backend == "onnxruntime":
+        from .backends.onnxruntime_backend import default_providers
+
+        default_providers()  # the one-line "pip install onnxruntime" error where it is missing
+    elif args.backend == "torch":
+        resolve_device(args.device)  # a missing GPU is refused at once
+
+
+def cmd_sample(args) -> int:
+    from .images import save_grid, save_npz
+    from .pipeline import Pipeline, VaeDecoder, check_request
+
+    check_backend_available(args)
+    model, source = load_cli_model(args)
     cfg = model.config
     labels = args.classes or [i % cfg.num_classes for i in range(args.num_images)]
+    check_request(cfg, labels, sampler_config(args))
+    threads = set_threads(args, cfg.hidden_size)
     backend = make_backend(args, model)
     decoder = None
-    if cfg.in_channels == 4 and args.vae is None:
-        print("note: latent model without --vae: writing the first 3 latent channels, not decoded images")
     if args.vae is not None:
         decoder = VaeDecoder(args.vae, device=backend.device)
-    print(f"model: {source}; backend: {backend.describe()}; {len(labels)} images, {args.steps} {args.sampler} "
-          f"steps, guidance {args.cfg_scale}")
+    if cfg.in_channels == 4 and args.vae is None:
+        print("note: latent model without --vae: writing the first 3 latent channels, not decoded images")
+    print(f"model: {source}; backend: {backend.describe()}, {threads}; {len(labels)} images, {args.steps} "
+          f"{args.sampler} steps, guidance {args.cfg_scale}")
     result = Pipeline(backend, decoder)(labels, seed=args.seed, sampler_cfg=sampler_config(args),
                                         progress=not args.quiet)
     images = result.images[:, :3]
@@ -205,27 +253,42 @@ def cmd_demo(args) -> int:
 
 # --------------------------------------------------------------------------------------- train-digits
 
-def set_torch_threads(threads: int | None) -> None:
-    # On a shared CPU, torch's default of one thread per core can run many times slower than one thread.
-    if threads:
-        import torch
+def train_digits_out(args) -> Path:
+    """--out, else a new runs/digits-<time>; the shipped weights only with --overwrite-builtin."""
+    from .zoo.digits_train import BUILTIN_DIR, is_builtin_dir, new_run_dir
 
-        torch.set_num_threads(threads)
+    if args.overwrite_builtin:
+        if args.out and not is_builtin_dir(args.out):
+            raise DitexportError(f"--overwrite-builtin writes {BUILTIN_DIR}; drop it, or drop --out {args.out}")
+        return BUILTIN_DIR
+    if args.out and is_builtin_dir(args.out):
+        raise DitexportError(f"{args.out} holds the shipped digits weights; pass --overwrite-builtin to replace them")
+    return Path(args.out) if args.out else new_run_dir()
 
 
 def cmd_train_digits(args) -> int:
-    from .zoo.digits_train import DEFAULT_OUT, DigitsTrainConfig, save_weights, train_digits, training_summary
+    from .model import get_config
+    from .zoo.digits_eval import LEARNED_AGREEMENT, QUICK_PER_CLASS, QUICK_STEPS, quick_class_agreement
+    from .zoo.digits_train import DigitsTrainConfig, save_weights, train_digits, training_summary
 
-    set_torch_threads(args.torch_threads)
     cfg = DigitsTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                             **({"lr": args.lr} if args.lr is not None else {}))
-    out = Path(args.out) if args.out else DEFAULT_OUT
+    out = train_digits_out(args)
+    threads = set_threads(args, get_config(cfg.model).hidden_size)
     print(f"training {cfg.model} on scikit-learn's digits: {cfg.steps} steps, batch {cfg.batch_size}, "
-          f"lr {cfg.lr}, EMA {cfg.ema_decay}, seed {cfg.seed}")
+          f"lr {cfg.lr}, EMA {cfg.ema_decay}, seed {cfg.seed}, {threads}; into {out}")
     result = train_digits(cfg, progress=not args.quiet)
     summary = training_summary(result)
+    agreement = quick_class_agreement(result.ema)
+    summary["quick_class_agreement"] = agreement
     path = save_weights(result.ema, out, summary)
-    print(f"trained in {result.seconds:.1f} s; mean loss of the last 100 steps {summary['final_loss_mean_last_100']}")
+    print(f"trained in {result.seconds:.1f} s; mean loss of the last {summary['final_loss_steps']} steps "
+          f"{summary['final_loss_mean']}")
+    print(f"check: {100 * agreement:.0f} % of {10 * QUICK_PER_CLASS} guided samples ({QUICK_PER_CLASS} per class, "
+          f"{QUICK_STEPS} steps) read as the requested digit (chance: 10 %)")
+    if agreement < LEARNED_AGREEMENT:
+        print(f"warning: {cfg.steps} steps were too short to learn the digits (a trained model scores above "
+              f"{100 * LEARNED_AGREEMENT:.0f} % here; the default recipe trains {DigitsTrainConfig().steps} steps)")
     print(f"wrote {path} (EMA weights) and {path.with_name('config.json')}")
     return 0
 
@@ -238,11 +301,12 @@ def cmd_eval(args) -> int:
     from .checkpoint import load_model
     from .zoo.digits_eval import evaluate_digits
 
-    set_torch_threads(args.torch_threads)
+    device = resolve_device(args.device)  # before the model: a missing GPU is refused at once
     model, source = load_model(args.model, args.checkpoint, args.config)
-    backend = TorchBackend(model, device=resolve_device(args.device))
+    threads = set_threads(args, model.config.hidden_size)
+    backend = TorchBackend(model, device=device)
     unguided = "" if args.cfg_scale == 1 else " and without"
-    print(f"model: {source}; backend: {backend.describe()}; {args.num_per_class} digits per class, "
+    print(f"model: {source}; backend: {backend.describe()}, {threads}; {args.num_per_class} digits per class, "
           f"{args.steps} {args.sampler} steps, with guidance {args.cfg_scale:g}{unguided}")
     report = evaluate_digits(backend, num_per_class=args.num_per_class, num_steps=args.steps,
                              guidance_scale=args.cfg_scale, seed=args.seed, sampler=args.sampler,
@@ -266,9 +330,19 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def bench_export(args, model) -> Path:
+    """The export the bench's ONNX Runtime and TensorRT rows run: --export-dir, else the one `build` makes in
+    exports/<name>, built there first when missing (never a second export of the same model)."""
+    from .artifacts import default_export_dir
+    from .build import describe_source, ensure_export
+
+    export_dir = args.export_dir or default_export_dir(args.model, args.checkpoint)
+    name = args.model or (Path(args.checkpoint).name if args.checkpoint else "digits")
+    return ensure_export(model, describe_source(args.model, args.checkpoint), export_dir, model_name=name)[0]
+
+
 def cmd_bench(args) -> int:
-    from .bench import BENCH_BACKENDS, BenchSettings, format_table, run_bench, write_outputs
-    from .checkpoint import load_model
+    from .bench import BENCH_BACKENDS, BenchSettings, format_table, run_bench, stability_warning, write_outputs
 
     backends = None
     if args.backends:
@@ -286,11 +360,13 @@ def cmd_bench(args) -> int:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     settings = BenchSettings.quick_settings(**options) if args.quick else BenchSettings(**options)
-    model, source = load_model(args.model, args.checkpoint, args.config, args.image_size)
+    resolve_device(args.device)  # before the model: --device cuda without a GPU is refused at once
+    model, source = load_cli_model(args)
+    threads = set_threads(args, model.config.hidden_size)
     print(f"bench: {source}; guided batches {list(settings.batch_sizes)}"
           f"{' and 1 unguided' if settings.unguided else ''}; {settings.warmup} warm-up + {settings.iters} "
-          f"timed calls each{' (quick)' if settings.quick else ''}")
-    report = run_bench(model, source, settings)
+          f"timed calls each{' (quick)' if settings.quick else ''}; {threads}")
+    report = run_bench(model, source, settings, export=lambda: bench_export(args, model))
     from .artifacts import export_name
 
     stem = f"bench-{export_name(args.model, args.checkpoint)}-{report['machine']['device']}"
@@ -305,8 +381,10 @@ def cmd_bench(args) -> int:
             print(f"  {e['backend']:<18} {e['steps']} steps: {e['measured_s']:.3f} s measured, {derived} derived")
     where = report["machine"]["gpu"] or f"CPU ({report['machine']['cpu_threads']} torch threads)"
     peak = report["matmul_fp16_tflops"]
+    if warning := stability_warning(report):
+        print(f"\n{warning}")
     print(f"\n{source} on {where}" + (f"; fp16 matmul {peak:.0f} TFLOP/s measured" if peak else ""))
-    print(format_table(report))
+    print(format_table(report))  # the table comes last
     return 0
 
 
@@ -325,6 +403,8 @@ def cmd_gpu_check(args) -> int:
 def cmd_export_vae(args) -> int:
     from .vae import export_vae, load_vae, vae_scale_factor
 
+    print(f"export-vae: {set_threads(args, None)}")
+
     latent_size = args.latent_size
     if latent_size is None:
         factor = vae_scale_factor(load_vae(args.vae))
@@ -341,13 +421,12 @@ def cmd_export_vae(args) -> int:
 def cmd_build(args) -> int:
     from .artifacts import default_export_dir
     from .build import build_export, describe_source, parse_precisions
-    from .checkpoint import load_model
 
     precisions = parse_precisions(args.precision)
-    model, source_text = load_model(args.model, args.checkpoint, args.config, args.image_size)
+    model, source_text = load_cli_model(args)
     source = describe_source(args.model, args.checkpoint)
     out = Path(args.out) if args.out else default_export_dir(args.model, args.checkpoint)
-    print(f"model: {source_text}")
+    print(f"model: {source_text}; {set_threads(args, model.config.hidden_size)}")
     # Engine errors quote the command that rebuilds them: the one the user typed, forced.
     argv = [a for a in sys.argv[1:] if a != "--force"] if sys.argv[1:2] == ["build"] else ["build"]
     rebuild = " ".join(["python -m ditexport", *map(shlex.quote, argv), "--force"])
@@ -357,17 +436,19 @@ def cmd_build(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .artifacts import default_export_dir
+    from .artifacts import default_export_dir, read_manifest
     from .build import revalidate
 
-    return revalidate(args.export_dir or default_export_dir(args.model), sample_steps=args.sample_steps)
+    export_dir = args.export_dir or default_export_dir(args.model)
+    print(f"validate: {export_dir}; {set_threads(args, read_manifest(export_dir)['config']['hidden_size'])}")
+    return revalidate(export_dir, sample_steps=args.sample_steps)
 
 
 # ---------------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ditexport",
-                                     description="Export, validate, compile and serve class-conditional DiTs.")
+    parser = ArgumentParser(prog="python -m ditexport",
+                            description="Export, validate, compile and serve class-conditional DiTs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="versions, devices and the model registry")
@@ -398,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npz", default=None, metavar="PATH",
                    help="also write the samples for FID as the official sample_ddp.py: arr_0, N x H x W x C uint8")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_argument(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("demo", help="serve the Gradio web demo", description="Serve the Gradio demo: the "
@@ -415,9 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-guidance", type=float, default=20.0, help="server limit on guidance (default: 20)")
     p.add_argument("--concurrency", type=positive_int, default=1,
                    help="requests that run at once on each backend; others wait in the queue (default: 1)")
-    p.add_argument("--torch-threads", type=positive_int, default=None,
-                   help="CPU threads for torch and onnxruntime (default: 1 when every model is as small as the "
-                        "built-in one, else torch's choice)")
+    add_threads_argument(p)  # the widest model served decides the default
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-digits", help="retrain the built-in digits DiT",
@@ -427,10 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per step (default: 64)")
     p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches, t, noise and dropout")
-    p.add_argument("--out", default=None, help="output directory (default: the package's ditexport/zoo/digits)")
-    p.add_argument("--torch-threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's choice, one per core; results are bit-identical "
-                   "only for the same thread count)")
+    p.add_argument("--out", default=None, help="output directory (default: a new runs/digits-<date>-<time>)")
+    p.add_argument("--overwrite-builtin", action="store_true",
+                   help="write into the package's ditexport/zoo/digits, replacing the shipped weights")
+    add_threads_argument(p)  # results are bit-identical only for the same thread count
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_digits)
 
@@ -447,8 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default: cpu)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this path")
-    p.add_argument("--torch-threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
@@ -476,9 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--builder-optimization-level", type=int, default=3, choices=range(0, 6),
                    help="TensorRT builder optimization level for the bench engine (default: 3)")
     p.add_argument("--export-dir", default=None,
-                   help="use the ONNX files and engine of this export (python -m ditexport build) "
-                        "instead of exporting into --out")
+                   help="the export whose ONNX graphs and engine to run (default: exports/<model name>, the one "
+                        "`build` makes, built there first when missing)")
     p.add_argument("--out", default="exports/bench", help="output directory (default: exports/bench)")
+    add_threads_argument(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("gpu-check", help="run every GPU path this machine has, in one table",
@@ -510,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-size", type=positive_int, default=None, help="latent side (overrides --image-size)")
     p.add_argument("--precision", default="fp32,fp16", help="comma-separated: fp32, fp16 (default: both)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
+    add_threads_argument(p)
     p.set_defaults(func=cmd_export_vae)
 
     p = sub.add_parser("build", help="export to ONNX, validate, and build engines",
@@ -528,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, default=None,
                    help="steps of the sample-level parity check, 0 to skip (default: 50 for digits, else 5)")
     p.add_argument("--force", action="store_true", help="rebuild even when the export is up to date")
+    add_threads_argument(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("validate", help="re-validate an existing export",
@@ -537,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name, to find exports/<name> (default: digits)")
     p.add_argument("--sample-steps", type=int, default=None,
                    help="steps of the sample-level parity check, 0 to skip (default: 50 for digits, else 5)")
+    add_threads_argument(p)
     p.set_defaults(func=cmd_validate)
     return parser
 

@@ -21,20 +21,26 @@ import torch
 
 from .export import DEFAULT_OPSET, export_graphs, export_onnx, graph_spec
 from .model import DiT, create_model, get_config
+from .progress import heartbeat
 
 
-def time_interleaved(variants: dict[str, callable], rounds: int = 5, calls: int = 2, warmup: int = 1) -> dict:
-    """{name: median ms per call}, timing `calls` calls of each variant per round, variants interleaved."""
-    for fn in variants.values():
+def time_interleaved(variants: dict[str, callable], rounds: int = 5, calls: int = 2, warmup: int = 1,
+                     log=lambda message: None) -> dict:
+    """{name: median ms per call}, timing `calls` calls of each variant per round, variants interleaved;
+    logs a line per variant and round as it goes (a round of big models takes tens of seconds)."""
+    for name, fn in variants.items():
+        start = time.perf_counter()
         for _ in range(warmup):
             fn()
+        log(f"  warm-up  {name:<36} {1000 * (time.perf_counter() - start) / max(1, warmup):8.1f} ms")
     samples = {name: [] for name in variants}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, fn in variants.items():
             for _ in range(calls):
                 start = time.perf_counter()
                 fn()
                 samples[name].append(1000 * (time.perf_counter() - start))
+            log(f"  round {r + 1}/{rounds} {name:<36} {statistics.median(samples[name][-calls:]):8.1f} ms")
     return {name: round(statistics.median(ms), 2) for name, ms in samples.items()}
 
 
@@ -68,10 +74,12 @@ def compare_onnxruntime_to_torch(model_names=("DiT-S/2", "DiT-B/2"), batch: int 
     with tempfile.TemporaryDirectory(prefix="ditexport-bench-") as tmp:
         for name in model_names:
             model = create_model(get_config(name, image_size=image_size), seed=0)
-            path = export_onnx(model, Path(tmp) / "model.onnx", opset=opset)
+            with heartbeat(log, f"{name}: exporting to ONNX"):
+                path = export_onnx(model, Path(tmp) / "model.onnx", opset=opset)
+            log(f"{name} batch {batch}, {threads} thread(s): timing torch eager and onnxruntime, {rounds} rounds")
             feed = _feed(model, batch)
             ms = time_interleaved({"torch": _torch_call(model, feed),
-                                   "onnxruntime": _ort_call(path, feed, threads=threads)}, rounds, calls)
+                                   "onnxruntime": _ort_call(path, feed, threads=threads)}, rounds, calls, log=log)
             row = {"model": name, "image_size": image_size, "batch": batch, "threads": threads,
                    "torch_ms": ms["torch"], "onnxruntime_ms": ms["onnxruntime"],
                    "speedup": round(ms["torch"] / ms["onnxruntime"], 2)}
@@ -97,7 +105,11 @@ def compare_options(model_name: str = "DiT-S/2", batch: int = 4, image_size: int
     threads = threads or cores
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="ditexport-options-") as tmp:
-        paths = {opset: export_onnx(model, Path(tmp) / f"opset{opset}.onnx", opset=opset) for opset in (18, 20, 23)}
+        paths = {}
+        for opset in (18, 20, 23):
+            with heartbeat(log, f"{model_name}: exporting at opset {opset}"):
+                paths[opset] = export_onnx(model, Path(tmp) / f"opset{opset}.onnx", opset=opset)
+            log(f"{model_name}: exported at opset {opset}")
         # The SkipLayerNorm fusion fails on affine-free LayerNorms, so it is off; the others run as designed.
         fusion = FusionOptions("vit")
         fusion.enable_skip_layer_norm = False
@@ -114,7 +126,8 @@ def compare_options(model_name: str = "DiT-S/2", batch: int = 4, image_size: int
         if other != threads:
             variants[f"opset {DEFAULT_OPSET}, {other} thread(s)"] = _ort_call(paths[DEFAULT_OPSET], feed, other)
         variants[f"opset {DEFAULT_OPSET} + transformer fusions"] = _ort_call(fused_path, feed, threads)
-        ms = time_interleaved(variants, rounds, calls)
+        log(f"{model_name} batch {batch}: timing {len(variants)} variants, {rounds} rounds")
+        ms = time_interleaved(variants, rounds, calls, log=log)
     for name, value in ms.items():
         log(f"{model_name} batch {batch}: {name:<36} {value:8.1f} ms")
     log(f"transformer optimizer fused: {fused_ops or 'nothing'}")
@@ -131,10 +144,11 @@ def fp16_errors(model_names=("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"), batch
         for name in model_names:
             model = create_model(get_config(name, image_size=image_size), seed=0)
             row = {"model": name, "batch": batch}
-            paths = export_graphs(model, tmp, graphs=("xty",), log=lambda *_: None)
+            paths = export_graphs(model, tmp, graphs=("xty",), log=log)
             for precision in ("fp32", "fp16"):
-                (check,) = check_graph(model, paths[("xty", precision)], precision=precision, batches=(batch,),
-                                       providers=["CPUExecutionProvider"])
+                with heartbeat(log, f"{name}: checking the {precision} graph against torch"):
+                    (check,) = check_graph(model, paths[("xty", precision)], precision=precision, batches=(batch,),
+                                           providers=["CPUExecutionProvider"])
                 row[precision] = {"rel_err": check.rel_err, "max_abs": check.max_abs, "passed": check.passed}
             for path in Path(tmp).iterdir():
                 path.unlink()

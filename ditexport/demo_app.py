@@ -275,11 +275,9 @@ class DemoService:
         self._slots = {runtime: threading.BoundedSemaphore(concurrency)
                        for runtime in ("torch", "onnxruntime", "tensorrt")}
 
-    def default_threads(self) -> int | None:
-        """1 CPU thread when every model is small (matmuls of width <= 256 gain nothing from more threads,
-        and lose much when other processes busy the cores), else None: torch's own choice."""
-        small = all(m.config.hidden_size <= 256 for m in self.models.values())
-        return 1 if small and self.device.type == "cpu" else None
+    def widest_hidden_size(self) -> int:
+        """The largest hidden size served: it decides the default CPU threads (ditexport.threads)."""
+        return max(m.config.hidden_size for m in self.models.values())
 
     # -- what the menus offer --------------------------------------------------------------------
 
@@ -558,9 +556,9 @@ def launch(host: str = "127.0.0.1", port: int | None = None, share: bool = False
     started = time.perf_counter()
     _import_gradio()
     service = create_service(exports_root, device, limits, concurrency, vae)
-    torch_threads = torch_threads or service.default_threads()
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
+    from .threads import describe_threads, resolve_threads
+
+    print(f"demo: {describe_threads(*resolve_threads(torch_threads, service.widest_hidden_size()))}", flush=True)
     if warm_up:
         service.warm_up()
     app = build_app(service)

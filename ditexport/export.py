@@ -588,6 +588,8 @@ def export_graphs(model: DiT, out_dir: str | Path, *, precisions=PRECISIONS, gra
 
     import onnx
 
+    from .progress import heartbeat
+
     opset = opset or DEFAULT_OPSET
     for precision in precisions:
         _check_options(precision, "xty", opset)
@@ -598,17 +600,21 @@ def export_graphs(model: DiT, out_dir: str | Path, *, precisions=PRECISIONS, gra
             start = time.perf_counter()
             fp32_path = out_dir / onnx_filename(graph, "fp32") if "fp32" in precisions else \
                 Path(scratch) / onnx_filename(graph, "fp32")
-            proto = _torch_to_onnx(model, graph, opset, batch)
-            save_onnx(_finish(proto, model.config, graph, "fp32", opset), fp32_path, external_data_threshold)
-            del proto
-            release_memory()
+            with heartbeat(log, f"export: tracing the {graph} graph (torch.onnx.export, dynamo)", end_line=True):
+                proto = _torch_to_onnx(model, graph, opset, batch)
+            with heartbeat(log, f"export: cleaning up and writing {fp32_path.name}"):
+                save_onnx(_finish(proto, model.config, graph, "fp32", opset), fp32_path, external_data_threshold)
+                del proto
+                release_memory()
             for precision in precisions:
                 if precision != "fp32":
                     path = out_dir / onnx_filename(graph, precision)
-                    proto = onnx.load(str(fp32_path))
-                    save_onnx(_finish(proto, model.config, graph, precision, opset), path, external_data_threshold)
-                    del proto
-                    release_memory()
+                    with heartbeat(log, f"export: deriving {path.name} from {fp32_path.name} ({precision} policy)"):
+                        proto = onnx.load(str(fp32_path))
+                        save_onnx(_finish(proto, model.config, graph, precision, opset), path,
+                                  external_data_threshold)
+                        del proto
+                        release_memory()
                 else:
                     path = fp32_path
                 paths[(graph, precision)] = path

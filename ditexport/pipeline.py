@@ -62,6 +62,15 @@ class SampleResult:
         return 1000 * self.sampler_s / self.steps
 
 
+def check_request(config, labels: list[int], sampler_cfg: SamplerConfig) -> None:
+    """Refuses labels outside the model's classes, and guidance for a model that cannot be guided."""
+    bad = [y for y in labels if not 0 <= int(y) < config.num_classes]
+    if bad:
+        raise ValueError(f"class labels must be in 0..{config.num_classes - 1}, got {bad}")
+    if sampler_cfg.guidance_scale != 1.0 and not config.has_null_class:
+        raise ValueError("this model was trained without class dropout, so it cannot be guided; use --cfg-scale 1")
+
+
 class Pipeline:
     """Sampler + backend + decoder. The backend decides where the chain runs."""
 
@@ -76,11 +85,7 @@ class Pipeline:
     def __call__(self, labels: list[int], seed: int = 0, sampler_cfg: SamplerConfig | None = None,
                  progress: bool = True) -> SampleResult:
         sampler_cfg = sampler_cfg or SamplerConfig()
-        bad = [y for y in labels if not 0 <= int(y) < self.config.num_classes]
-        if bad:
-            raise ValueError(f"class labels must be in 0..{self.config.num_classes - 1}, got {bad}")
-        if sampler_cfg.guidance_scale != 1.0 and not self.config.has_null_class:
-            raise ValueError("this model was trained without class dropout, so it cannot be guided; use --cfg-scale 1")
+        check_request(self.config, labels, sampler_cfg)
         sampler = self.sampler(sampler_cfg)
         device = self.backend.device
         wrap = None

@@ -27,6 +27,7 @@ from .artifacts import onnx_filename
 from .errors import DitexportError
 from .export import GRAPHS, PRECISIONS, TOLERANCE, graph_spec, release_memory
 from .model import DiT, DiTConfig
+from .progress import heartbeat
 
 DEFAULT_BATCHES = (1, 2, 5)           # 1, 2 and an odd size on one session: the batch axis is really dynamic
 FP16_MAX = 65504.0
@@ -357,6 +358,7 @@ class SampleCheck:
     backend_classes: list[int] | None = None
     torch_classes: list[int] | None = None
     passed: bool = False
+    seconds: float = 0.0                   # sampling through this graph (the torch reference not included)
 
 
 def _is_digits_config(config: DiTConfig) -> bool:
@@ -373,7 +375,7 @@ def _digits_reference():
 
 
 def sample_parity(model: DiT, backends: dict[str, object], *, labels: list[int], steps: int, seed: int = 0,
-                  method: str = "ddpm", guidance_scale: float = 4.0) -> list[SampleCheck]:
+                  method: str = "ddpm", guidance_scale: float = 4.0, log=lambda message: None) -> list[SampleCheck]:
     """Samples `labels` with torch fp32 and with each backend (file name -> Backend, or a function making
     one, so big models hold one session at a time), same seed and noise."""
     from .backends.base import Backend
@@ -385,23 +387,27 @@ def sample_parity(model: DiT, backends: dict[str, object], *, labels: list[int],
     if not model.config.has_null_class:
         guidance_scale = 1.0
     sampler_cfg = SamplerConfig(num_steps=steps, method=method, guidance_scale=guidance_scale)
-    reference = Pipeline(TorchBackend(model))(labels, seed=seed, sampler_cfg=sampler_cfg, progress=False).images
+    what = f"{len(labels)} images, {steps} {method} steps"
+    with heartbeat(log, f"validate: sampling the torch reference ({what})", end_line=True):
+        reference = Pipeline(TorchBackend(model))(labels, seed=seed, sampler_cfg=sampler_cfg, progress=False).images
     classifier = _digits_reference() if _is_digits_config(model.config) else None
     torch_classes = classifier.predict(reference).tolist() if classifier is not None else None
     checks = []
     for file, backend in backends.items():
-        owned = not isinstance(backend, Backend)
-        backend = backend() if owned else backend
-        images = Pipeline(backend)(labels, seed=seed, sampler_cfg=sampler_cfg, progress=False).images
-        precision = backend.precision
-        if owned:
-            backend.close()
-            del backend
-            release_memory()
+        start = time.perf_counter()
+        with heartbeat(log, f"validate: sampling through {file} ({what})", end_line=True):
+            owned = not isinstance(backend, Backend)
+            backend = backend() if owned else backend
+            images = Pipeline(backend)(labels, seed=seed, sampler_cfg=sampler_cfg, progress=False).images
+            precision = backend.precision
+            if owned:
+                backend.close()
+                del backend
+                release_memory()
         values = psnr(images, reference)
         floor = SAMPLE_PSNR_FLOOR[precision]
         check = SampleCheck(file, precision, steps, method, guidance_scale, list(labels), values, floor,
-                            torch_classes=torch_classes)
+                            torch_classes=torch_classes, seconds=round(time.perf_counter() - start, 2))
         passed = min(values) >= floor
         if classifier is not None:
             check.backend_classes = classifier.predict(images).tolist()
@@ -519,12 +525,15 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
                if (export_dir / onnx_filename(g, p)).is_file()}
     references = {}
     for (graph, precision), path in present.items():
-        checks = check_graph(model, path, graph=graph, precision=precision, batches=batches, providers=providers,
-                             references=references)
+        stage_start = time.perf_counter()
+        with heartbeat(log, f"validate: {path.name} against torch at batches {', '.join(map(str, batches))}"):
+            checks = check_graph(model, path, graph=graph, precision=precision, batches=batches,
+                                 providers=providers, references=references)
         report.checks.extend(checks)
         worst = max(checks, key=lambda c: c.rel_err)
         log(f"validate: {path.name:<17} {precision}  worst rel err {worst.rel_err:.2e} "
-            f"(tolerance {worst.tolerance:.0e})  {'ok' if all(c.passed for c in checks) else 'FAILED'}")
+            f"(tolerance {worst.tolerance:.0e})  {'ok' if all(c.passed for c in checks) else 'FAILED'}  "
+            f"({time.perf_counter() - stage_start:.1f} s)")
         fp32 = present.get((graph, "fp32"))
         if precision != "fp32" and not all(c.passed for c in checks) and fp32 is not None:
             try:
@@ -532,9 +541,11 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
             except DitexportError as e:  # the diagnosis is optional; the failure is already recorded
                 report.drift.append({"candidate": path.name, "reference": fp32.name, "error": str(e)})
     if stress:
-        report.stress = stress_check(opset=opset)
+        stage_start = time.perf_counter()
+        with heartbeat(log, "validate: stress check"):
+            report.stress = stress_check(opset=opset)
         log(f"validate: stress check (all-fp16 must overflow, the mixed graph must not)  "
-            f"{'ok' if report.stress['passed'] else 'FAILED'}")
+            f"{'ok' if report.stress['passed'] else 'FAILED'}  ({time.perf_counter() - stage_start:.1f} s)")
     if sample_steps != 0:
         digits = _is_digits_config(model.config)
         # The built-in model: one digit per class, 50 steps, seconds. Other models: a short chain of 2 images,
@@ -551,9 +562,10 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
 
             backends = {path.name: make(path, precision) for (graph, precision), path in present.items()
                         if graph == "xty"}
-            report.samples = sample_parity(model, backends, labels=labels, steps=steps)
+            report.samples = sample_parity(model, backends, labels=labels, steps=steps, log=log)
         for s in report.samples:
-            log(f"validate: samples {s.file:<17} PSNR min {min(s.psnr_db):.1f} dB  {'ok' if s.passed else 'FAILED'}")
+            log(f"validate: samples {s.file:<17} PSNR min {min(s.psnr_db):.1f} dB  {'ok' if s.passed else 'FAILED'}  "
+                f"({s.seconds:.1f} s)")
     report.tensorrt = tensorrt_parity(export_dir, model, batches=batches, log=log)
     report.seconds = time.perf_counter() - start
     return report
@@ -581,7 +593,9 @@ def tensorrt_parity(export_dir: str | Path, model: DiT, *, batches=DEFAULT_BATCH
         precision = "fp16" if ".fp16." in onnx_path.name else "fp32"
         feeds = [{k: v.numpy() for k, v in graph_feed(model, graph, b, seed=b).items()}
                  for b in batches if meta["batch"]["min"] <= b <= meta["batch"]["max"]]
-        for row in engine.compare_with_onnxruntime(onnx_path, plan, feeds, tolerance=TOLERANCE[precision]):
+        with heartbeat(log, f"validate: {plan.name} against {onnx_path.name} (TensorRT vs ONNX Runtime)"):
+            compared = engine.compare_with_onnxruntime(onnx_path, plan, feeds, tolerance=TOLERANCE[precision])
+        for row in compared:
             rows.append({**row, "plan": plan.name, "onnx": onnx_path.name, "tolerance": TOLERANCE[precision]})
     if not rows:
         return {"status": "skipped", "reason": "the export has no TensorRT engine for this GPU"}

@@ -17,6 +17,14 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Every command sets torch's thread count (ditexport.threads); an in-process call must not leak it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def no_host_sync_after_first_step(steps):
     """A sampler `progress` wrapper: set-up may synchronise once; from the second step on, any host sync raises."""
     try:

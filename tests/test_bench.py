@@ -1,10 +1,14 @@
 """`python -m ditexport bench`: the FLOP count, the sampler-overhead measure and a quick CPU run end to end."""
 import json
+import statistics
+from pathlib import Path
 
 import pytest
 import torch
 
-from ditexport.bench import BenchSettings, dit_forward_flops, run_bench, sampler_step_ms
+from ditexport.artifacts import read_manifest
+from ditexport.bench import (UNSTABLE_SPREAD, BenchSettings, dit_forward_flops, run_bench, sampler_step_ms,
+                             stability_warning, time_calls, timing_spread)
 from ditexport.cli import main
 from ditexport.engine import tensorrt_unavailable_reason
 from ditexport.model import create_model, get_config
@@ -39,7 +43,16 @@ def test_sampler_overhead_is_measured_and_positive():
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def workdir(tmp_path_factory):
+    """A working directory of its own, so that the default exports/ lands there and not in the checkout."""
+    path = tmp_path_factory.mktemp("workdir")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(path)
+        yield path
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, workdir):
     out = tmp_path_factory.mktemp("bench")
     import contextlib
     import io
@@ -90,14 +103,13 @@ def test_second_run_reuses_the_exported_onnx(quick_run, capsys):
     assert code == 0 and "found cached ONNX" in capsys.readouterr().out
 
 
-def test_a_failing_backend_is_a_row_and_the_bench_goes_on(tmp_path, capsys):
-    # A real fault, not a stand-in: the export's fp16 graph is truncated, so ONNX Runtime cannot load it.
-    from ditexport.export import export_graphs
+def test_a_failing_backend_is_a_row_and_the_bench_goes_on(quick_run, workdir, tmp_path, capsys):
+    # A real fault, not a stand-in: a copy of build's export whose fp16 graph is truncated.
+    import shutil
 
     export_dir = tmp_path / "export"
-    export_dir.mkdir()
-    paths = export_graphs(create_model("DiT-tiny/2", seed=0), export_dir, graphs=("xty",), log=lambda m: None)
-    fp16 = paths[("xty", "fp16")]
+    shutil.copytree(workdir / "exports" / "DiT-tiny-2", export_dir)
+    fp16 = export_dir / "model.fp16.onnx"
     fp16.write_bytes(fp16.read_bytes()[: fp16.stat().st_size // 2])
     code = main(["bench", "--model", "DiT-tiny/2", "--quick", "--device", "cpu", "--batch-sizes", "2",
                  "--backends", "onnxruntime-fp16,onnxruntime-fp32", "--export-dir", str(export_dir),
@@ -122,6 +134,50 @@ def test_bad_bench_options_are_one_line_errors(capsys, tmp_path):
                                                "tensorrt")
     with pytest.raises(SystemExit):
         main(["bench", "--batch-sizes", "3"])
+
+
+def test_bench_runs_the_export_that_build_makes_and_never_a_second_one(quick_run, workdir, capsys):
+    _, out, printed = quick_run
+    export = workdir / "exports" / "DiT-tiny-2"
+    assert f"{Path('exports') / 'DiT-tiny-2'}: no complete export yet; building it" in printed
+    assert read_manifest(export)["validation"]["passed"] is True
+    assert not list(out.rglob("*.onnx"))  # nothing exported into the bench's own output
+    # It is build's export: build finds it up to date.
+    assert main(["build", "--model", "DiT-tiny/2"]) == 0
+    assert f"{Path('exports') / 'DiT-tiny-2'}: up to date" in capsys.readouterr().out
+    # An export of another model in the way is refused, not overwritten.
+    code = main(["bench", "--model", "DiT-digits", "--quick", "--device", "cpu", "--batch-sizes", "2",
+                 "--backends", "onnxruntime-fp32", "--export-dir", str(export), "--out", str(out)])
+    assert code == 2 and "was built for another model config" in capsys.readouterr().err
+    assert read_manifest(export)["model"] == "DiT-tiny/2"
+
+
+def test_every_row_reports_the_spread_of_its_timed_calls(quick_run):
+    _, out, printed = quick_run
+    report = json.loads((out / "bench-DiT-tiny-2-cpu.json").read_text())
+    for row in report["results"]:
+        assert row["spread"] == pytest.approx((row["ms_max"] - row["ms_min"]) / row["ms_per_forward"])
+    assert (stability_warning(report) is None) == all(r["spread"] <= UNSTABLE_SPREAD for r in report["results"])
+    # The run's own output (its JSON is rewritten by the next test): per-row notes, marks in the table, warning.
+    table = printed.strip().splitlines()[-9:]
+    flagged = [line for line in table if line.endswith("%!")]
+    assert printed.count("%: unstable)") == len(flagged)
+    assert ("warning: " in printed) == bool(flagged)
+
+
+def test_uneven_timings_are_flagged_as_unstable():
+    small, large = torch.randn(8, 8), torch.randn(384, 384)
+    calls = iter(range(1000))
+    # Every fourth call multiplies 384x384 matrices, the others 8x8: a disturbed measurement, made for real.
+    times = time_calls(lambda: large @ large if next(calls) % 4 == 0 else small @ small, torch.device("cpu"),
+                       warmup=0, iters=8)
+    spread = timing_spread(times)
+    assert spread == pytest.approx((max(times) - min(times)) / statistics.median(times)) and spread > UNSTABLE_SPREAD
+    report = {"results": [{"backend": "torch-eager", "batch": 2, "guided": True, "spread": spread}],
+              "machine": {"gpu": None}}
+    warning = stability_warning(report)
+    assert warning.startswith("warning: 1 of 1 measurements are unstable") and "torch-eager batch 2" in warning
+    assert f"{100 * spread:.0f} %" in warning
 
 
 @pytest.mark.gpu

@@ -115,6 +115,28 @@ def test_sample_with_the_onnxruntime_backend(built, tmp_path, capsys):
     assert code == 2 and "another model config" in capsys.readouterr().err
 
 
+def test_onnxruntime_sessions_take_the_threads_of_the_flag(built, tmp_path, capsys, monkeypatch):
+    """The intra-op threads of the session `sample` opens, observed on the real InferenceSession."""
+    import onnxruntime
+
+    threads = []
+
+    class RecordingSession(onnxruntime.InferenceSession):
+        def __init__(self, path, sess_options=None, *args, **kwargs):
+            threads.append(sess_options.intra_op_num_threads)
+            super().__init__(path, sess_options, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", RecordingSession)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    out, _ = built
+    for flag, expected in ((["--torch-threads", "2"], 2), ([], 1)):  # DiT-tiny/2 is small: 1 by default
+        assert main(["sample", "--backend", "onnxruntime", "--model", "DiT-tiny/2", "--export-dir", str(out),
+                     "--steps", "2", "--num-images", "1", "--quiet", "--out", str(tmp_path / "x.png"), *flag]) == 0
+        assert threads and set(threads) == {expected} and torch.get_num_threads() == expected
+        threads.clear()
+    capsys.readouterr()
+
+
 def test_an_interrupted_rebuild_is_never_complete(built, tmp_path, capsys, monkeypatch):
     """A forced rebuild of a complete export dies while exporting the cond graph: the old manifest is gone
     and no new one is written, so nothing treats the directory as an export."""

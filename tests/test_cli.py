@@ -3,10 +3,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from ditexport.cli import main
+from ditexport.engine import tensorrt_unavailable_reason
 
 
 def run_cli(*args, cwd=None):
@@ -79,3 +81,57 @@ def test_dpm_solver_sample_writes_the_png_and_the_npz_of_the_default_model(tmp_p
     labels = [i % 10 for i in range(8)]  # the default labels: cycling through the classes
     agreement, _ = DigitsReference().class_agreement(torch.from_numpy(arr).permute(0, 3, 1, 2) / 255.0, labels)
     assert agreement >= 7 / 8  # 20 solver steps draw the requested digits
+
+
+def test_argument_errors_are_one_line_and_come_before_any_banner(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--steps", "0"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert captured.err == ("error: argument --steps: must be at least 1, got 0 "
+                            "(see: python -m ditexport sample --help)\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["smaple"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "invalid choice: 'smaple'" in err
+    # A label the model does not have is refused before the run's banner, and before sampling.
+    assert main(["sample", "--classes", "12", "--steps", "2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "error: class labels must be in 0..9, got [12]\n"
+
+
+@pytest.fixture
+def dit_constructions(monkeypatch):
+    """Counts DiT constructions; the real constructor still runs."""
+    from ditexport.model import DiT
+
+    calls = []
+    original = DiT.__init__
+
+    def counting_init(self, *args, **kwargs):
+        calls.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiT, "__init__", counting_init)
+    return calls
+
+
+@pytest.mark.skipif(tensorrt_unavailable_reason(for_build=False) is None, reason="TensorRT and a GPU are here")
+def test_a_missing_tensorrt_is_refused_before_the_model_is_built(dit_constructions, capsys, tmp_path):
+    assert main(["sample", "--model", "DiT-XL/2", "--backend", "tensorrt", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the tensorrt backend is unavailable: ") and len(err.splitlines()) == 1
+    assert dit_constructions == []
+    main(["sample", "--model", "DiT-tiny/2", "--steps", "2", "--num-images", "1", "--quiet",
+          "--out", str(tmp_path / "y.png")])
+    assert dit_constructions == [1]  # the counter sees a construction when there is one
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: nothing to refuse")
+@pytest.mark.parametrize("command", [["bench", "--device", "cuda"], ["sample", "--device", "cuda"],
+                                     ["eval", "--device", "cuda"]])
+def test_a_missing_gpu_is_refused_before_the_model_is_built(command, dit_constructions, capsys, tmp_path):
+    model = ["--model", "DiT-XL/2"] if command[0] != "eval" else []
+    assert main([*command, *model, "--out" if command[0] != "eval" else "--json", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == "error: --device cuda was asked for, but torch sees no CUDA device\n"
+    assert dit_constructions == []

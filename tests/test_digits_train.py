@@ -1,14 +1,17 @@
 """Training the digits DiT: the recipe lowers the loss, is reproducible, and writes loadable files."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from ditexport import cli
-from ditexport.checkpoint import load_checkpoint
+from ditexport.checkpoint import load_checkpoint, read_state_dict, sha256_file
+from ditexport.zoo import builtin_weights, load_builtin
 from ditexport.zoo.digits_data import load_digits_tensors
-from ditexport.zoo.digits_train import (DigitsTrainConfig, ema_decay_at, fixed_batch_loss, learning_rate,
-                                        save_weights, train_digits)
+from ditexport.zoo.digits_eval import LEARNED_AGREEMENT, quick_class_agreement
+from ditexport.zoo.digits_train import (BUILTIN_DIR, DigitsTrainConfig, ema_decay_at, fixed_batch_loss, learning_rate,
+                                        new_run_dir, save_weights, train_digits)
 
 
 def test_digits_data_is_the_scaled_sklearn_set():
@@ -70,7 +73,41 @@ def test_saved_weights_reload_strictly_with_their_config(tmp_path):
 def test_train_digits_command_writes_weights_and_config(tmp_path, capsys):
     assert cli.main(["train-digits", "--steps", "4", "--batch-size", "8", "--seed", "1",
                      "--out", str(tmp_path), "--quiet"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote" in out
     model = load_checkpoint(tmp_path / "weights.safetensors")
     assert model.config.in_channels == 1 and model.config.num_classes == 10
     assert (tmp_path / "config.json").is_file()
+    # 4 steps: the loss is averaged over the 4 there are, and the quick check finds nothing learned.
+    training = json.loads(read_state_dict(tmp_path / "weights.safetensors")[1]["training"])
+    assert training["final_loss_steps"] == 4 and f"mean loss of the last 4 steps {training['final_loss_mean']}" in out
+    assert training["quick_class_agreement"] < LEARNED_AGREEMENT
+    assert f"check: {100 * training['quick_class_agreement']:.0f} % of 30 guided samples" in out
+    assert "warning: 4 steps were too short to learn the digits" in out
+
+
+def test_the_quick_check_tells_the_shipped_model_from_an_untrained_one(one_torch_thread):
+    untrained = train_digits(DigitsTrainConfig(steps=0), progress=False).ema
+    shipped, untrained_share = quick_class_agreement(load_builtin("digits")), quick_class_agreement(untrained)
+    print(f"quick check: shipped {shipped:.2f}, untrained {untrained_share:.2f}")
+    assert shipped >= LEARNED_AGREEMENT > untrained_share
+
+
+def test_train_digits_writes_a_new_run_directory_and_never_the_shipped_weights_unasked(tmp_path, capsys,
+                                                                                   monkeypatch):
+    shipped = builtin_weights("digits")
+    digest = sha256_file(shipped)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train-digits", "--steps", "2", "--batch-size", "8", "--quiet"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("digits-") and (run / "weights.safetensors").is_file()
+    assert f"into {Path('runs') / run.name}" in capsys.readouterr().out
+    # Naming the package's directory needs --overwrite-builtin; refused before any training.
+    assert cli.main(["train-digits", "--steps", "2", "--out", str(BUILTIN_DIR)]) == 2
+    captured = capsys.readouterr()
+    assert "--overwrite-builtin" in captured.err and "training" not in captured.out
+    assert sha256_file(shipped) == digest
+    parser = cli.build_parser()
+    assert cli.train_digits_out(parser.parse_args(["train-digits", "--overwrite-builtin"])) == BUILTIN_DIR
+    assert cli.main(["train-digits", "--overwrite-builtin", "--out", str(tmp_path / "elsewhere")]) == 2
+    assert new_run_dir(tmp_path / "runs") != run and not new_run_dir(tmp_path / "runs").exists()

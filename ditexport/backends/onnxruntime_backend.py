@@ -1,7 +1,6 @@
 """The ONNX Runtime backend: an exported graph on the CPU provider, or the CUDA provider with I/O binding."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,9 +87,9 @@ def session_options(threads: int | None = None, optimization: str = GRAPH_OPTIMI
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    # One thread per usable core (ORT's default) unless told otherwise; on a machine shared with other
-    # work, threads=1 measured faster (docs/export.md).
-    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    # Unless told otherwise, the same CPU budget as torch, so one setting (ditexport.threads, --torch-threads)
+    # governs both runtimes: ORT's own default, one thread per core, collapses on a busy machine as torch's does.
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     options.log_severity_level = 3  # errors only: ORT warns about every fp16 node it runs through a cast on the CPU
     return options
 

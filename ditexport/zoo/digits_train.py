@@ -18,7 +18,22 @@ import torch
 from ..artifacts import atomic_path, atomic_write_json
 from ..model import DiT, get_config
 
-DEFAULT_OUT = Path(__file__).parent / "digits"
+BUILTIN_DIR = Path(__file__).parent / "digits"  # the shipped weights: replaced only on explicit request
+RUNS_DIR = Path("runs")                         # default home of new runs, under the working directory
+
+
+def new_run_dir(root: str | Path = RUNS_DIR) -> Path:
+    """`runs/digits-<date>-<time>`, not yet existing (a suffix keeps two runs of one second apart)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = Path(root) / f"digits-{stamp}", 1
+    while path.exists():
+        path, n = Path(root) / f"digits-{stamp}-{n}", n + 1
+    return path
+
+
+def is_builtin_dir(path: str | Path) -> bool:
+    """Whether `path` is the package's own digits directory, where the shipped weights live."""
+    return Path(path).resolve() == BUILTIN_DIR.resolve()
 
 
 @dataclass
@@ -143,10 +158,11 @@ def save_weights(model: DiT, out_dir: str | Path, training: dict | None = None) 
     return path
 
 
-def training_summary(result: TrainResult) -> dict:
-    """What a later reader needs to reproduce and judge a run (stored in the weights' metadata)."""
-    tail = result.losses[-100:]
+def training_summary(result: TrainResult, tail_steps: int = 100) -> dict:
+    """What a later reader needs to reproduce and judge a run (stored in the weights' metadata); the final
+    loss is the mean over the last `tail_steps` steps, or over all of them in a shorter run."""
+    tail = result.losses[-tail_steps:]
     final_loss = round(sum(tail) / len(tail), 5) if tail else None
     return {"recipe": asdict(result.config), "seconds": round(result.seconds, 1),
-            "final_loss_mean_last_100": final_loss, "torch": torch.__version__,
+            "final_loss_mean": final_loss, "final_loss_steps": len(tail), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
