@@ -241,7 +241,7 @@ def revalidate(export_dir: str | Path, *, sample_steps: int | None = None, log=p
 
 
 def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_name: str = "",
-                  log=print) -> tuple[Path, dict]:
+                  sample_steps: int | None = None, log=print) -> tuple[Path, dict]:
     """The validated export of `model` in `export_dir`, as `build` makes it, built there first when there is none.
 
     An existing export is reused whatever options built it; one of another config or other weights, or one
@@ -251,7 +251,7 @@ def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_nam
     cached = (export_dir / artifacts.MANIFEST_NAME).is_file()
     if not cached:
         log(f"{export_dir}: no complete export yet; building it as `python -m ditexport build` would")
-        build_export(model, source, export_dir, model_name=model_name, log=log)
+        build_export(model, source, export_dir, model_name=model_name, sample_steps=sample_steps, log=log)
     export_dir, manifest = export_for_backend(export_dir, model.config)
     weights = build_inputs(model.config, source, (), 0, 0)["weights"]
     if manifest.get("inputs", {}).get("weights") != weights:

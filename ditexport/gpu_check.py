@@ -110,8 +110,17 @@ def _subject(name: str, device: torch.device, out_dir: Path, level: int, log) ->
     settings = BenchSettings(batch_sizes=TIMED_BATCHES, unguided=False, device=str(device), out_dir=str(out_dir),
                              builder_optimization_level=level, compile_mode="reduce-overhead",
                              backends=PATHS if device.type == "cuda" else None)
-    context = BenchContext(model, device, settings, out_dir / name.replace("/", "-"), max(TIMED_BATCHES),
-                           lambda m: log(f"  {m.strip()}"))
+    slug = name.replace("/", "-")
+
+    def export() -> Path:
+        # A validated export as `build` makes it, without the sample-level check (minutes for DiT-XL/2 on a CPU).
+        from .build import describe_source, ensure_export
+
+        return ensure_export(model, describe_source(name, None), out_dir / slug, model_name=name, sample_steps=0,
+                             log=lambda m: log(f"  {m.strip()}"))[0]
+
+    context = BenchContext(model, device, settings, max(TIMED_BATCHES), out_dir / f"{slug}-bench-engine",
+                           lambda m: log(f"  {m.strip()}"), export)
     return _Subject(name, model, size, expected, inputs, context)
 
 

@@ -70,6 +70,6 @@ def test_readme_sample_examples_write_distinct_files():
     block = text[text.index("### `sample`"):text.index("| flag |", text.index("### `sample`"))]
     examples = [shlex.split(line.split("#")[0])[3:] for line in block.splitlines() if "python -m ditexport" in line]
     outputs = [dict(zip(args, args[1:])).get("--out", "samples.png") for args in examples]
-    assert len(outputs) == 5 and len(set(outputs)) == len(outputs), outputs
+    assert len(outputs) == 6 and len(set(outputs)) == len(outputs), outputs
     ddim = next(out for args, out in zip(examples, outputs) if "ddim" in args)
     assert ddim != "samples.png"
