@@ -185,6 +185,12 @@ class BenchContext:
         if self.settings.export_dir is not None:
             if not path.is_file():
                 raise Skip(f"{path} is missing from --export-dir (build it with: python -m ditexport build)")
+            from .artifacts import ArtifactError, verify_export
+
+            try:  # checked against the manifest before ONNX Runtime reads it, as every consumer of an export does
+                verify_export(self.export_dir, [path])
+            except ArtifactError as e:
+                raise Skip(str(e)) from None
         else:
             # Each file is reused only while the weights, config and torch that made it are unchanged.
             stamp_path = self.export_dir / "bench-export.json"

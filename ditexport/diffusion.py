@@ -239,6 +239,26 @@ class SamplerConfig:
     clip_denoised: bool = False      # official sample.py does not clip latents
     respacing: str | None = None     # overrides str(num_steps), e.g. "ddim50"
 
+    def __post_init__(self):
+        # NaN or inf here would run the whole chain and end in black images; refuse them where every caller
+        # (CLI, Python API, demo) passes.
+        for name in ("guidance_scale", "eta"):
+            value = getattr(self, name)
+            try:
+                finite = math.isfinite(float(value))
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise SamplerConfigError(name, f"{name} must be a finite number, got {value!r}")
+
+
+class SamplerConfigError(ValueError):
+    """A sampler setting that cannot be sampled with; `field` names the SamplerConfig field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
 
 class Sampler:
     """DDPM / DDIM with classifier-free guidance over any `model(x, t, y)`.
