@@ -1,4 +1,4 @@
-"""The `exports/<name>/` layout: file names, the manifest, content hashes and atomic writes.
+"""The `exports/<name>/` layout: file names, the manifest, atomic writes (checks before use: verification.py).
 
 An export directory is complete when, and only when, its `manifest.json` exists: every other file is
 written under a temporary name and renamed into place, and the manifest is written last (and removed
@@ -6,14 +6,12 @@ first when a rebuild starts), so an interrupted build never looks finished.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import signal
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,13 +169,7 @@ def write_problem(path: str | Path) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------------------- hashes
-
-HASH_CACHE_NAME = ".verified.json"
-# A file changed less than this long before it was hashed may change again within the same timestamp tick
-# unseen, so its hash is not remembered ("racily clean", as git calls it).
-RACY_SECONDS = 2.0
-
+# ----------------------------------------------------------------------------------------- files
 
 def external_data_files(onnx_path: str | Path) -> list[Path]:
     """The external-data files an ONNX file refers to (read without loading the weights)."""
@@ -196,80 +188,9 @@ def external_data_files(onnx_path: str | Path) -> list[Path]:
     return [onnx_path.parent / loc for loc in sorted(locations)]
 
 
-def _stat_key(st: os.stat_result) -> list[int]:
-    # ctime cannot be set by user code (os.utime updates it), so an in-place edit that restores size and
-    # mtime still changes this key.
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def hash_file(path: str | Path) -> tuple[str, list[int] | None]:
-    """(SHA-256, stat key to remember it by), the key None when the file changed too recently or meanwhile."""
-    path = Path(path)
-    before = path.stat()
-    digest = sha256_file(path)
-    after = path.stat()
-    settled = after.st_ctime_ns < time.time_ns() - RACY_SECONDS * 1e9
-    return digest, (_stat_key(after) if settled and _stat_key(before) == _stat_key(after) else None)
-
-
 def file_record(path: str | Path) -> dict:
     path = Path(path)
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def _read_hash_cache(export_dir: Path, manifest_sha: str) -> dict:
-    try:
-        cache = json.loads((export_dir / HASH_CACHE_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(cache, dict) or cache.get("manifest_sha256") != manifest_sha:
-        return {}
-    return cache.get("files", {}) if isinstance(cache.get("files"), dict) else {}
-
-
-def _write_hash_cache(export_dir: Path, manifest_sha: str, files: dict) -> None:
-    try:
-        atomic_write_json(export_dir / HASH_CACHE_NAME, {"manifest_sha256": manifest_sha, "files": files})
-    except OSError:
-        pass  # a read-only export is simply hashed on every load
-
-
-def verify_files(export_dir: str | Path, files: dict[str, dict], check_hashes: bool | list[str] = True,
-                 manifest_sha: str | None = None) -> list[str]:
-    """Problems with the files a manifest lists: missing or resized (every file), modified (the SHA-256 of
-    all files, or of those named in `check_hashes`).
-
-    With `manifest_sha` (the SHA-256 of the manifest's bytes), a file whose (device, inode, size, mtime,
-    ctime) equals the one recorded when it last matched this manifest is not hashed again.
-    """
-    export_dir = Path(export_dir)
-    cache = _read_hash_cache(export_dir, manifest_sha) if manifest_sha else {}
-    changed = False
-    problems = []
-    for name, record in files.items():
-        path = export_dir / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-            continue
-        st = path.stat()
-        if st.st_size != record["size"]:
-            problems.append(f"{name} has {st.st_size} bytes, the manifest says {record['size']} "
-                            "(truncated or replaced)")
-            continue
-        if check_hashes is False or (isinstance(check_hashes, list) and name not in check_hashes):
-            continue
-        if cache.get(name) == _stat_key(st):
-            continue
-        digest, key = hash_file(path)
-        if digest != record["sha256"]:
-            problems.append(f"{name} does not match its SHA-256 in the manifest (corrupt or modified)")
-            cache.pop(name, None)
-        elif key is not None and manifest_sha:
-            cache[name] = key
-            changed = True
-    if changed:
-        _write_hash_cache(export_dir, manifest_sha, cache)
-    return problems
 
 
 # ------------------------------------------------------------------------------------- manifest
@@ -296,7 +217,6 @@ def write_manifest(export_dir: str | Path, manifest: dict) -> Path:
 def remove_manifest(export_dir: str | Path) -> None:
     """Marks an export incomplete before its files are rewritten."""
     (Path(export_dir) / MANIFEST_NAME).unlink(missing_ok=True)
-    (Path(export_dir) / HASH_CACHE_NAME).unlink(missing_ok=True)
 
 
 def manifest_flags(manifest: dict) -> list[str]:
@@ -326,18 +246,6 @@ def read_manifest(export_dir: str | Path, rebuild: str | None = None) -> dict:
     return manifest
 
 
-def manifest_digest(export_dir: str | Path) -> str:
-    return hashlib.sha256((Path(export_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
-
-
-def remember_hashes(export_dir: str | Path, keys: dict[str, list[int] | None]) -> None:
-    """Records files just hashed by the build against the manifest just written, so the first load does not
-    hash them again (only those settled long enough: see `hash_file`)."""
-    keys = {name: key for name, key in keys.items() if key is not None}
-    if keys:
-        _write_hash_cache(Path(export_dir), manifest_digest(export_dir), keys)
-
-
 @dataclass
 class ExportEntry:
     """One complete export directory and its manifest."""
@@ -356,32 +264,6 @@ class ExportEntry:
         """The ONNX file of a graph and precision, when this export has it."""
         name = onnx_filename(graph, precision)
         return self.path / name if name in self.manifest.get("files", {}) else None
-
-
-def verify_export(export_dir: str | Path, open_files: list[str | Path] = (), *, rebuild: str | None = None,
-                  require_validated: bool = True) -> ExportEntry:
-    """The export in `export_dir`, checked against its manifest before anything in it is opened: every listed
-    file present with its size, and the SHA-256 of `open_files` (with the external data they refer to).
-
-    Refuses, in one ArtifactError naming the file and the rebuild command, an incomplete, damaged or (with
-    `require_validated`) unvalidated export. Call it under `locking.read_lock`, and open the files there too.
-    """
-    export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir, rebuild)
-    rebuild = rebuild or rebuild_command(export_dir, manifest_flags(manifest))
-    if require_validated and not (manifest.get("validation") or {}).get("passed"):
-        raise ArtifactError(f"the export in {export_dir} failed validation (see {export_dir / REPORT_NAME}); "
-                            f"rebuild it with: {rebuild}")
-    names = [Path(f).name for f in open_files]
-    names += [f"{n}.data" for n in names if f"{n}.data" in manifest["files"]]
-    unknown = [n for n in names if n not in manifest["files"]]
-    if unknown:
-        raise ArtifactError(f"{export_dir / unknown[0]} is not part of the export its manifest describes; "
-                            f"rebuild with: {rebuild}")
-    problems = verify_files(export_dir, manifest["files"], check_hashes=names, manifest_sha=manifest_digest(export_dir))
-    if problems:
-        raise ArtifactError(f"{export_dir}: {'; '.join(problems)}; rebuild with: {rebuild}")
-    return ExportEntry(export_dir, manifest)
 
 
 def list_exports(root: str | Path = EXPORTS_ROOT) -> list[ExportEntry]:

@@ -185,7 +185,8 @@ class BenchContext:
         if self.settings.export_dir is not None:
             if not path.is_file():
                 raise Skip(f"{path} is missing from --export-dir (build it with: python -m ditexport build)")
-            from .artifacts import ArtifactError, verify_export
+            from .artifacts import ArtifactError
+            from .verification import verify_export
 
             try:  # checked against the manifest before ONNX Runtime reads it, as every consumer of an export does
                 verify_export(self.export_dir, [path])

@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from . import artifacts, locking
+from . import artifacts, locking, verification
 from .artifacts import ArtifactError, onnx_filename
 from .checkpoint import sha256_file
 from .errors import DitexportError
@@ -119,7 +119,8 @@ def up_to_date(export_dir: Path, inputs: dict) -> str | None:
         return None
     if manifest.get("inputs") != inputs or not manifest.get("validation", {}).get("passed"):
         return None
-    if artifacts.verify_files(export_dir, manifest["files"], manifest_sha=artifacts.manifest_digest(export_dir)):
+    if verification.verify_files(export_dir, manifest["files"],
+                                 manifest_sha=verification.manifest_digest(export_dir)):
         return None
     return f"validated {manifest.get('created', '')}, {len(manifest['files'])} files match their hashes"
 
@@ -207,6 +208,7 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
         return _add_missing_engines(export_dir, model, precisions, profile, log, rebuild_command)
     artifacts.ensure_writable_dir(export_dir)
     _check_free_space(export_dir, model, precisions)
+    locking.mark_writer(export_dir)
     artifacts.remove_manifest(export_dir)
     _remove_outputs(export_dir)
     artifacts.fault_point("build:old-export-removed")
@@ -224,7 +226,7 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
         files, keys = {}, {}
         for path in sorted(paths.values()):
             for f in (path, *artifacts.external_data_files(path)):
-                digest, keys[f.name] = artifacts.hash_file(f)
+                digest, keys[f.name] = verification.hash_file(f)
                 files[f.name] = {"size": f.stat().st_size, "sha256": digest}
         manifest = {
             "format": artifacts.MANIFEST_FORMAT,
@@ -250,7 +252,7 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
         where = f" ({e.filename})" if e.filename else ""
         raise ArtifactError(f"writing the export into {export_dir} failed: {e.strerror or e}{where}; "
                             "nothing was published as an export") from None
-    artifacts.remember_hashes(export_dir, keys)
+    verification.remember(export_dir, keys)
     log(f"build: {'done' if report.passed else 'FAILED'} in {manifest['build_seconds']:.1f} s; "
         f"manifest {export_dir / artifacts.MANIFEST_NAME}")
     return 0 if report.passed else 1
@@ -311,7 +313,7 @@ def revalidate(export_dir: str | Path, *, sample_steps: int | None = None, rebui
                             f"{export_dir}, which cannot be written ({problem}); validate a writable copy")
     with locking.build_lock(export_dir, wait=wait, log=log):
         manifest = artifacts.read_manifest(export_dir, rebuild)  # as it is now that no build is running
-        problems = artifacts.verify_files(export_dir, manifest["files"])
+        problems = verification.verify_files(export_dir, manifest["files"])
         if problems:
             raise ArtifactError(f"{export_dir}: {'; '.join(problems)}; rebuild with: {rebuild}")
         model = load_reference(manifest, rebuild)
@@ -347,10 +349,11 @@ def open_export(export_dir: str | Path, config: DiTConfig | None, open_files: li
                 rebuild: str | None = None) -> artifacts.ExportEntry:
     """A validated export of `config`, its `open_files` verified against the manifest (call it under
     `locking.read_lock` and open the files there); else one ArtifactError with the rebuild command."""
-    entry = artifacts.verify_export(export_dir, open_files, rebuild=rebuild)
+    entry = verification.verify_export(export_dir, open_files, rebuild=rebuild)
     built = DiTConfig.from_dict(entry.manifest["config"])
     if config is not None and built != config:
-        raise ArtifactError(f"the export in {export_dir} was built for {artifacts.describe_config(built)}, and "
-                            f"this model is {artifacts.describe_config(config)}; pass the matching "
+        raise ArtifactError(f"the export in {export_dir} was built for another model config, "
+                            f"{artifacts.describe_config(built)}, and this model is "
+                            f"{artifacts.describe_config(config)}; pass the matching "
                             "--model/--image-size/--checkpoint, or the --export-dir of this model's export")
     return entry

@@ -207,10 +207,11 @@ def make_tensorrt_backend(args, model):
 def make_onnxruntime_backend(args, model):
     """`--backend onnxruntime`: the validated export of this model (--export-dir, or exports/<name>), its
     graphs checked against the manifest's SHA-256 before ONNX Runtime opens them."""
-    from .artifacts import rebuild_command, verify_export
+    from .artifacts import rebuild_command
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
     from .build import open_export
     from .locking import read_lock
+    from .verification import verify_export
 
     export_dir = export_dir_of(args)
     hint = rebuild_hint(args, export_dir)

@@ -114,8 +114,8 @@ class ModelEntry:
         if self.export_dir is None:
             yield
             return
-        from .artifacts import verify_export
         from .locking import read_lock
+        from .verification import verify_export
 
         with read_lock(self.export_dir, log=log.info):
             verify_export(self.export_dir, [p for p in paths if p is not None])
@@ -191,7 +191,8 @@ def builtin_entry() -> ModelEntry:
 
 def export_entries(root: str | Path) -> list[ModelEntry]:
     """One entry per validated, complete export under `root`; others are skipped with one log line each."""
-    from .artifacts import list_exports, rebuild_command, manifest_flags, verify_files
+    from .artifacts import list_exports, manifest_flags, rebuild_command
+    from .verification import verify_files
 
     root = Path(root)
     if not root.is_dir():

@@ -1,7 +1,7 @@
 """Who may write an export directory: the build lock, the readers' shared lock, and temporaries that carry
 their writer's identity so that the next build can tell a crashed writer's debris from a live one's.
 
-A build holds an exclusive `fcntl.flock` on `<export>/.lock` from start to finish; a reader holds a shared
+A build holds an exclusive `fcntl.flock` on `<export>/build.lock` from start to finish; a reader holds a shared
 one while it checks the files against the manifest and opens them. Temporary files and directories are named
 `.tmp-<pid>@<host>~<purpose>~<random>`: one whose process is gone from this host is stale.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import DitexportError
 
-LOCK_NAME = ".lock"
+LOCK_NAME = "build.lock"  # not a dot file: temporaries are the only dot files a build leaves, and only when it crashes
 TEMP_PREFIX = ".tmp-"
 _TEMP_NAME = re.compile(r"^\.tmp-(\d+)@([^~/]+)~")
 # What writers before temporaries carried an identity left behind (removed only under the build lock).
@@ -100,12 +100,19 @@ def _open_lock_file(directory: Path, create: bool) -> int | None:
     return None
 
 
-def _holder(fd: int) -> str:
+def _holder(directory: Path) -> str:
+    """" (pid N)" of the process holding the lock, from /proc/locks (Linux), for messages; "" elsewhere."""
     try:
-        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
-    except OSError:
-        text = ""
-    return f" (pid {text})" if text else ""
+        st = os.stat(directory / LOCK_NAME)
+        device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as table:
+            for line in table:
+                fields = line.split()
+                if "->" not in fields and len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device:
+                    return f" (pid {fields[4]})"
+    except (OSError, ValueError):
+        pass
+    return ""
 
 
 @contextmanager
@@ -121,20 +128,24 @@ def build_lock(directory: str | Path, wait: bool = True, log=print):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            who = _holder(fd)
+            who = _holder(directory)
             if not wait:
                 raise LockError(f"{directory} is being written by another build{who}; wait for it to finish, "
                                 "or leave out --no-wait to wait for it") from None
             log(f"{directory}: another build is writing it{who}; waiting for it to finish ...")
             fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}@{hostname()}\n".encode(), 0)
-        except OSError:
-            pass  # the holder's name is only for messages
         yield True
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def mark_writer(directory: str | Path) -> None:
+    """Records this process in the lock file when a build starts rewriting the directory (kept after it ends:
+    the last writer)."""
+    try:
+        (Path(directory) / LOCK_NAME).write_text(f"{os.getpid()}@{hostname()}\n")
+    except OSError:
+        pass  # only informative
 
 
 @contextmanager
@@ -150,7 +161,7 @@ def read_lock(directory: str | Path, log=print):
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"{directory}: a build is writing it{_holder(fd)}; waiting for it to finish ...")
+            log(f"{directory}: a build is writing it{_holder(directory)}; waiting for it to finish ...")
             fcntl.flock(fd, fcntl.LOCK_SH)
         yield
     finally:

@@ -508,8 +508,9 @@ def _finite_json(obj):
 
 
 def report_differences(old: dict, new: dict, relative: float = 0.1) -> list[str]:
-    """What a stored report says that a re-run does not: the verdict, a check's verdict, a check that only one
-    has, or an error that moved by more than `relative` (re-runs on one machine agree far more closely)."""
+    """Where a stored report disagrees with a re-run: the verdict, a check's verdict, or a number (relative
+    error, or a sample check's lowest PSNR) that moved by more than `relative` — re-runs on one machine agree
+    far more closely. Checks only one of the two ran (e.g. samples skipped) are not disagreements."""
     differences = []
     if old.get("passed") != new.get("passed"):
         differences.append(f"it said {_verdict(old.get('passed'))}, this run says {_verdict(new.get('passed'))}")
@@ -518,22 +519,23 @@ def report_differences(old: dict, new: dict, relative: float = 0.1) -> list[str]
         out = {}
         for c in report.get("checks") or []:
             if isinstance(c, dict):
-                out[f"{c.get('file')} batch {c.get('batch')}"] = c
+                out[f"{c.get('file')} batch {c.get('batch')}"] = (c.get("passed"), c.get("rel_err"))
         for s in report.get("samples") or []:
             if isinstance(s, dict):
-                out[f"samples {s.get('file')}"] = {"passed": s.get("passed"),
-                                                   "rel_err": min(s.get("psnr_db") or [0], default=0)}
+                try:
+                    low = min(float(v) for v in s.get("psnr_db") or [])
+                except (TypeError, ValueError):
+                    low = None
+                out[f"samples {s.get('file')} PSNR"] = (s.get("passed"), low)
         return out
 
     before, after = rows(old), rows(new)
-    for key in sorted(set(before) | set(after)):
-        a, b = before.get(key), after.get(key)
-        if a is None or b is None:
-            differences.append(f"{key} {'only in this run' if a is None else 'not in this run'}")
-        elif a.get("passed") != b.get("passed"):
-            differences.append(f"{key}: {_verdict(a.get('passed'))} before, {_verdict(b.get('passed'))} now")
-        elif _moved(a.get("rel_err"), b.get("rel_err"), relative):
-            differences.append(f"{key}: {a.get('rel_err')} before, {b.get('rel_err')} now")
+    for key in sorted(set(before) & set(after)):
+        (passed_a, a), (passed_b, b) = before[key], after[key]
+        if passed_a != passed_b:
+            differences.append(f"{key}: {_verdict(passed_a)} before, {_verdict(passed_b)} now")
+        elif _moved(a, b, relative):
+            differences.append(f"{key}: {a} before, {b} now")
     return differences
 
 

@@ -1,6 +1,14 @@
 """Fixtures shared by several test modules."""
+import os
+
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_hash_cache(tmp_path_factory):
+    """Verified export hashes are remembered in a directory of this test session, not in ~/.cache."""
+    os.environ["DITEXPORT_CACHE_DIR"] = str(tmp_path_factory.mktemp("ditexport-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import pytest
 
 from ditexport.artifacts import (ArtifactError, atomic_path, atomic_write_json, default_export_dir,
                                  ensure_writable_dir, export_name, file_record, list_exports, onnx_filename,
-                                 read_manifest, verify_files, write_manifest)
+                                 read_manifest, write_manifest)
+from ditexport.verification import verify_files
 
 
 def test_layout_names():
