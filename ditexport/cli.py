@@ -437,7 +437,7 @@ def cmd_build(args) -> int:
     source = describe_source(args.model, args.checkpoint)
     print(f"model: {source_text}")
     # Hints (and engine errors) quote the command that rebuilds this export: the user's flags, forced.
-    flags = model_flags(args)
+    flags = model_flags(args) or ["--model", "digits"]
     for flag, value, default in (("--precision", args.precision, "fp32,fp16"), ("--max-batch", args.max_batch, 8),
                                  ("--opset", args.opset, None)):
         if value != default:

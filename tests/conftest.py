@@ -11,6 +11,22 @@ def private_hash_cache(tmp_path_factory):
     os.environ["DITEXPORT_CACHE_DIR"] = str(tmp_path_factory.mktemp("ditexport-cache"))
 
 
+@pytest.fixture(scope="session")
+def digits_export(tmp_path_factory):
+    """One real `build` of the built-in digits model (fp32 graphs, validated: PASSED), shared by every module
+    that needs a complete export. Copy it (shutil.copytree) before changing anything in it."""
+    from ditexport.cli import main
+
+    out = tmp_path_factory.mktemp("digits-export") / "digits"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["build", "--export-dir", str(out), "--precision", "fp32", "--sample-steps", "10"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Runs a test module with one torch thread, restoring the count after.
