@@ -136,15 +136,16 @@ def _remove_outputs(export_dir: Path) -> None:
         path.unlink()
 
 
-def _check_free_space(export_dir: Path, model: DiT, precisions) -> None:
+def _check_free_space(export_dir: Path, model: DiT, precisions, reclaimed: int = 0) -> None:
     """Refuses, before anything is deleted or written, a disk that cannot hold the graphs: a lower bound of
     4 bytes per parameter per fp32 graph and 2 per fp16 graph (xty and cond each), against the free space
-    plus what the rebuild deletes."""
+    plus what the rebuild deletes (`reclaimed` bytes)."""
     import shutil
 
     params = sum(p.numel() for p in model.parameters())
     need = params * len(GRAPHS) * sum(4 if p == "fp32" else 2 for p in precisions)
-    have = shutil.disk_usage(export_dir).free + sum(p.stat().st_size for p in _outputs(export_dir))
+    existing = next(p for p in (export_dir, *export_dir.parents) if p.exists())
+    have = shutil.disk_usage(existing).free + reclaimed
     if need > have:
         raise ArtifactError(f"not enough space in {export_dir}: the graphs need at least {need / 1e6:.1f} MB, "
                             f"{have / 1e6:.1f} MB are free; free some space or pass another --export-dir")
@@ -185,13 +186,22 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions
     an up-to-date export is only read, so it may sit on a read-only file system.
     """
     export_dir = Path(export_dir)
-    if not export_dir.is_dir():
+    created = not export_dir.exists()
+    if created:  # refuse a full or unwritable disk before a directory appears
+        _check_free_space(export_dir, model, precisions)
         artifacts.ensure_writable_dir(export_dir)
-    with locking.build_lock(export_dir, wait=wait, log=log):
-        return _build_locked(model, source, export_dir, precisions=precisions, max_images=max_images,
-                             opset=opset or DEFAULT_OPSET, force=force, sample_steps=sample_steps,
-                             model_name=model_name, build_flags=build_flags, log=log,
-                             rebuild_command=rebuild_command or artifacts.rebuild_command(export_dir, build_flags))
+    try:
+        with locking.build_lock(export_dir, wait=wait, log=log):
+            return _build_locked(model, source, export_dir, precisions=precisions, max_images=max_images,
+                                 opset=opset or DEFAULT_OPSET, force=force, sample_steps=sample_steps,
+                                 model_name=model_name, build_flags=build_flags, log=log,
+                                 rebuild_command=rebuild_command or artifacts.rebuild_command(export_dir, build_flags))
+    except BaseException:
+        if created:  # a build that made its directory and failed leaves nothing behind
+            import shutil
+
+            shutil.rmtree(export_dir, ignore_errors=True)
+        raise
 
 
 def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max_images: int, opset: int,
@@ -207,7 +217,7 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
         log(f"{export_dir}: up to date ({why}); use --force to rebuild")
         return _add_missing_engines(export_dir, model, precisions, profile, log, rebuild_command)
     artifacts.ensure_writable_dir(export_dir)
-    _check_free_space(export_dir, model, precisions)
+    _check_free_space(export_dir, model, precisions, sum(p.stat().st_size for p in _outputs(export_dir)))
     locking.mark_writer(export_dir)
     artifacts.remove_manifest(export_dir)
     _remove_outputs(export_dir)

@@ -82,6 +82,9 @@ _TENSOR_GLOBALS = re.compile(r"^(torch\.|collections\.OrderedDict$|_codecs\.enco
                              r"numpy\.core\.multiarray\._reconstruct$|builtins\.(set|frozenset|bytearray|slice)$)")
 
 
+_IDENTIFIER = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+
+
 def _pickled_code(path: Path) -> str | None:
     """The first global outside plain tensor containers that a pickle (or a torch zip's data.pkl) would import,
     found by reading its opcodes without running any of them."""
@@ -106,12 +109,10 @@ def _pickled_code(path: Path) -> str | None:
                 memo[arg] = strings[-1]
             elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
                 strings.append(memo[arg])
-            elif op.name in ("GLOBAL", "INST"):
-                name = str(arg).replace(" ", ".")
-                if not _TENSOR_GLOBALS.match(name):
-                    return name
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                name = f"{strings[-2]}.{strings[-1]}"
+            elif op.name in ("GLOBAL", "INST") or (op.name == "STACK_GLOBAL" and len(strings) >= 2):
+                name = str(arg).replace(" ", ".") if op.name != "STACK_GLOBAL" else f"{strings[-2]}.{strings[-1]}"
+                if not _IDENTIFIER.match(name):
+                    return None  # bytes that merely parse as opcodes: not a pickle worth naming
                 if not _TENSOR_GLOBALS.match(name):
                     return name
     except Exception:  # not a pickle at all (random bytes): nothing to name

@@ -146,6 +146,11 @@ def check_output_file(path: str | Path, flag: str = "--out") -> Path:
             raise DitexportError(f"{flag} {path}: directory {parent} does not exist (directories are created "
                                  "only under the working directory); create it first")
         parent.mkdir(parents=True, exist_ok=True)
+    from .artifacts import write_problem
+
+    problem = write_problem(parent)
+    if problem:
+        raise DitexportError(f"cannot write {flag} {path}: {problem}")
     return path
 
 
@@ -215,11 +220,11 @@ def make_onnxruntime_backend(args, model):
 
     export_dir = export_dir_of(args)
     hint = rebuild_hint(args, export_dir)
-    if not (export_dir / "manifest.json").is_file():
-        command = (hint or rebuild_command(export_dir)).removesuffix(" --force")
-        raise DitexportError(f"no ONNX export in {export_dir}; build it first with: {command}")
     precision = getattr(args, "precision", "fp32")
-    with read_lock(export_dir):
+    with read_lock(export_dir):  # a build writing the export is waited for, then its result is read
+        if not (export_dir / "manifest.json").is_file():
+            command = (hint or rebuild_command(export_dir)).removesuffix(" --force")
+            raise DitexportError(f"no ONNX export in {export_dir}; build it first with: {command}")
         entry = open_export(export_dir, model.config, [], hint)
         onnx_path, cond_path = entry.graph_path("xty", precision), entry.graph_path("cond", precision)
         if onnx_path is None:

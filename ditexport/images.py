@@ -161,7 +161,11 @@ class PngGridWriter:
         """Appends (N, C, H, W) images in [0, 1]; refuses non-finite ones (and then nothing is written)."""
         if self.added + len(images) > self.num_images:
             raise ImageWriteError(f"{self.path}: more than the {self.num_images} images announced")
-        arr = to_uint8(images)
+        try:
+            arr = to_uint8(images)
+        except NonFiniteSamplesError as e:
+            raise NonFiniteSamplesError(f"{e} (among images {self.added + 1} to {self.added + len(images)}); "
+                                        f"{self.path} was not written") from None
         if self.upscale > 1:
             arr = arr.repeat(self.upscale, axis=1).repeat(self.upscale, axis=2)
         if self._width is None:

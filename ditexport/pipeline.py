@@ -104,6 +104,7 @@ class Pipeline:
         check_seed(seed)
         if sampler_cfg.guidance_scale != 1.0 and not self.config.has_null_class:
             raise ValueError("this model was trained without class dropout, so it cannot be guided; use --cfg-scale 1")
+        self.sampler(sampler_cfg)  # refuses steps or a method the diffusion cannot take
 
     def __call__(self, labels: list[int], seed: int = 0, sampler_cfg: SamplerConfig | None = None,
                  progress: bool = True) -> SampleResult:
