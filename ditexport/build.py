@@ -259,8 +259,14 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
         artifacts.write_manifest(export_dir, manifest)
     except OSError as e:
         # A full or failing disk: the export stays incomplete (no manifest) and every temporary is gone.
-        where = f" ({e.filename})" if e.filename else ""
-        raise ArtifactError(f"writing the export into {export_dir} failed: {e.strerror or e}{where}; "
+        import errno
+        import shutil
+
+        cause = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+        free = shutil.disk_usage(export_dir).free
+        if e.errno != errno.ENOSPC and free < 1 << 20:  # some writers (numpy's) report a full disk without errno
+            cause += f"; its file system is full ({free} bytes free)"
+        raise ArtifactError(f"writing the export into {export_dir} failed: {cause}; "
                             "nothing was published as an export") from None
     verification.remember(export_dir, keys)
     log(f"build: {'done' if report.passed else 'FAILED'} in {manifest['build_seconds']:.1f} s; "

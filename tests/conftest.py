@@ -50,3 +50,14 @@ def no_host_sync_after_first_step(steps):
             yield step
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Prints how many fault cases tests/test_faults.py tried (issue 10 asks for the count)."""
+    import sys
+
+    module = next((m for name, m in sys.modules.items() if name.endswith("test_faults")), None)
+    cases = getattr(module, "CASES_TRIED", None)
+    if cases:
+        terminalreporter.write_line(f"fault injection: {len(cases)} cases tried through the real CLI "
+                                    f"({len(set(cases))} distinct)")

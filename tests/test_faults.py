@@ -351,7 +351,8 @@ def test_build_onto_a_full_disk(cli, tmp_path):
         # Enough for the estimate, not for the graphs plus the scratch files of tracing and validation.
         out = tight / "tiny"
         proc = cli("build", *TINY_BUILD, "--export-dir", out, case="build that fills the disk half-way")
-        assert_refused(proc, "No space left on device", str(out), absent=out)
+        line = assert_refused(proc, str(out), "nothing was published", absent=out)
+        assert "No space left on device" in line or "file system is full" in line
         assert list(tight.iterdir()) == []
 
 
@@ -388,7 +389,9 @@ def test_kill_9_at_each_point_of_a_build_leaves_nothing_a_reader_uses_and_the_ne
     assert proc.returncode == -signal.SIGKILL
     assert cli(*ORT, "--model", "DiT-tiny/2", "--export-dir", export, "--out", tmp_path / "y.png").returncode == 0
     assert cli("validate", "--export-dir", export, "--sample-steps", "0").returncode == 0
-    assert list(system_tmp.iterdir()) == []  # nothing went to the system's temporary directory
+    # Nothing of ours went to the system's temporary directory (torch keeps its own caches there).
+    assert [p for p in system_tmp.rglob("*") if "ditexport" in p.name or p.name.startswith(".tmp-")
+            or p.suffix in (".onnx", ".data", ".json")] == []
 
 
 def test_two_builds_into_one_directory_are_serialised(cli, tmp_path, system_tmp):
