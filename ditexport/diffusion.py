@@ -7,6 +7,7 @@ The sampler drives any callable `model(x, t, y) -> out`; it knows nothing of run
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -244,11 +245,7 @@ class SamplerConfig:
         # (CLI, Python API, demo) passes.
         for name in ("guidance_scale", "eta"):
             value = getattr(self, name)
-            try:
-                finite = math.isfinite(float(value))
-            except (TypeError, ValueError):
-                finite = False
-            if not finite:
+            if not (isinstance(value, numbers.Real) and math.isfinite(value)):
                 raise SamplerConfigError(name, f"{name} must be a finite number, got {value!r}")
 
 
