@@ -215,6 +215,8 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
             f"{', '.join(sorted(removed))}")
     if not force and (why := up_to_date(export_dir, inputs)):
         log(f"{export_dir}: up to date ({why}); use --force to rebuild")
+        if not writable:
+            return 0  # read-only: nothing is written, not even this machine's engines
         return _add_missing_engines(export_dir, model, precisions, profile, log, rebuild_command)
     artifacts.ensure_writable_dir(export_dir)
     _check_free_space(export_dir, model, precisions, sum(p.stat().st_size for p in _outputs(export_dir)))
