@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,10 +90,15 @@ def rebuild_command(export_dir: str | Path, model_flags: list[str] | None = None
 # ---------------------------------------------------------------------------------- atomic writes
 
 def fault_point(name: str) -> None:
-    """Fault-injection tests set DITEXPORT_KILL_AT=<name> to have the process SIGKILLed right here: a real
-    crash at a known point of a write (tests/test_faults.py)."""
+    """Fault-injection tests (tests/test_faults.py) set DITEXPORT_KILL_AT=<name> to have the process SIGKILLed
+    right here, a real crash at a known point of a write; or DITEXPORT_PAUSE_AT=<name> to hold it here until
+    the file DITEXPORT_RESUME_WHEN exists, so other processes meet it mid-build without timing guesses."""
     if os.environ.get("DITEXPORT_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("DITEXPORT_PAUSE_AT") == name:
+        resume = Path(os.environ.get("DITEXPORT_RESUME_WHEN", ""))
+        while not resume.is_file():
+            time.sleep(0.05)
 
 
 def publish(tmp: str | Path, path: str | Path) -> None:

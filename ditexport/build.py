@@ -223,9 +223,9 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
     locking.mark_writer(export_dir)
     artifacts.remove_manifest(export_dir)
     _remove_outputs(export_dir)
-    artifacts.fault_point("build:old-export-removed")
     log(f"build: {model_name} -> {export_dir} ({', '.join(precisions)}; opset {opset}; "
         f"up to {max_images} images per request)")
+    artifacts.fault_point("build:old-export-removed")
     try:
         paths = export_graphs(model, export_dir, precisions=precisions, opset=opset, log=log)
         report = _validate_and_report(export_dir, model, model_name, sample_steps, opset, log)

@@ -8,7 +8,6 @@ file systems are real small tmpfs mounts (skipped, with the reason, where this p
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import fcntl
 import json
@@ -404,34 +403,56 @@ def test_kill_9_at_each_point_of_a_build_leaves_nothing_a_reader_uses_and_the_ne
             or p.suffix in (".onnx", ".data", ".json")] == []
 
 
-def test_two_builds_into_one_directory_are_serialised(cli, tmp_path, system_tmp):
+def start(args, env: dict, system_tmp: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ditexport", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(system_tmp),
+                                 "PYTHONUNBUFFERED": "1", **env})
+
+
+def read_until(proc: subprocess.Popen, text: str) -> str:
+    """The process's stdout up to and including the first line containing `text`."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"{text!r} never came: {''.join(seen)[-2000:]} {proc.stderr.read()[-2000:]}")
+
+
+def test_two_builds_into_one_directory_are_serialised_and_a_reader_sees_one_of_them(cli, tiny_export, tmp_path,
+                                                                                      system_tmp):
     export = tmp_path / "tiny"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(system_tmp), "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "ditexport", "build", *TINY_BUILD, "--max-batch", "2",
-                              "--export-dir", str(export)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env)
-    CASES_TRIED.append("two concurrent builds")
+    shutil.copytree(tiny_export, export)
+    resume = tmp_path / "resume"
+    # The first build rebuilds (--max-batch 2 is another input) and holds still once its old export is gone.
+    first = start(["build", *TINY_BUILD, "--max-batch", "2", "--export-dir", export],
+                  {"DITEXPORT_PAUSE_AT": "build:old-export-removed", "DITEXPORT_RESUME_WHEN": str(resume)}, system_tmp)
+    procs = [first]
+    CASES_TRIED.append("two concurrent builds and a reader")
     try:
-        for line in first.stdout:  # the first build holds the lock once it says what it builds
-            if line.startswith("build: DiT-tiny/2 ->"):
-                break
-        reader = subprocess.Popen([sys.executable, "-m", "ditexport", *ORT, "--model", "DiT-tiny/2", "--export-dir",
-                                   str(export), "--out", str(tmp_path / "during.png")], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=env)
-        second = cli("build", *TINY_BUILD, "--max-batch", "4", "--export-dir", export)
-        rest, err = first.communicate(timeout=600)
-        read_out, read_err = reader.communicate(timeout=600)
+        read_until(first, "-> " + str(export))  # the build line, printed just before the pause point
+        second = start(["build", *TINY_BUILD, "--max-batch", "4", "--export-dir", export], {}, system_tmp)
+        reader = start([*ORT, "--model", "DiT-tiny/2", "--export-dir", export, "--out", tmp_path / "during.png"], {},
+                       system_tmp)
+        procs += [second, reader]
+        second_said = read_until(second, "waiting for it to finish")
+        reader_said = read_until(reader, "waiting for it to finish")
+        assert f"another build is writing it (pid {first.pid})" in second_said
+        assert f"a build is writing it (pid {first.pid})" in reader_said
+        resume.write_text("")
+        outputs = [p.communicate(timeout=600) for p in procs]
     finally:
-        for proc in (first,):
+        resume.write_text("")
+        for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    assert first.returncode == 0, err[-2000:]
-    assert second.returncode == 0 and "another build is writing it" in second.stdout, second.stdout[-2000:]
-    assert "Traceback" not in err + second.stderr + read_err
-    # The reader waited for the first build and read a complete export (never a mix of two).
-    assert reader.returncode == 0 and "waiting" in read_out and (tmp_path / "during.png").is_file(), read_err
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    assert all("Traceback" not in out + err for out, err in outputs)
+    # The reader waited and then read a complete export, the first build's or the second's, never a mix.
+    assert (tmp_path / "during.png").stat().st_size > 0
     manifest = json.loads((export / "manifest.json").read_text())
-    assert manifest["io_spec"]["batch_profile"]["max"] == 8  # the second build's (--max-batch 4, guided) inputs
+    assert manifest["io_spec"]["batch_profile"]["max"] == 8  # the last build's (--max-batch 4, guided) inputs
     assert cli("validate", "--export-dir", export, "--sample-steps", "0").returncode == 0
     assert debris(export) == []
 
@@ -446,16 +467,10 @@ def test_a_held_lock_refuses_with_no_wait_and_waits_otherwise(cli, tiny_export, 
         assert_refused(proc, str(export), f"pid {os.getpid()}", "--no-wait")
         proc = cli("validate", "--export-dir", export, "--no-wait", case="validate --no-wait while locked")
         assert_refused(proc, str(export), "--no-wait")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(system_tmp), "PYTHONUNBUFFERED": "1"}
-        waiting = subprocess.Popen([sys.executable, "-m", "ditexport", "build", *TINY_BUILD, "--export-dir",
-                                    str(export)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        waiting = start(["build", *TINY_BUILD, "--export-dir", export], {}, system_tmp)
         CASES_TRIED.append("build waiting for a held lock")
-        lines = collections.deque(maxlen=5)
-        for line in waiting.stdout:
-            lines.append(line)
-            if "waiting for it to finish" in line:
-                break
-        assert waiting.poll() is None and "another build is writing it" in "".join(lines)
+        said = read_until(waiting, "waiting for it to finish")
+        assert waiting.poll() is None and f"another build is writing it (pid {os.getpid()})" in said
     finally:
         os.close(fd)  # the "build in progress" ends
     rest, err = waiting.communicate(timeout=600)
