@@ -66,8 +66,8 @@ def _first_line(error: BaseException) -> str:
 def _refusal(path: Path, error: BaseException) -> str:
     """ditexport's own one-line reason for a file torch.load(weights_only=True) refused; it names the code a
     pickle would load and never suggests loading it unsafely."""
-    named = re.search(r"GLOBAL ([\w.]+)", str(error))
-    code = named.group(1) if named else _pickled_code(path)
+    named = re.search(r"GLOBAL ([\w.]+)", str(error))  # torch names the first global it refused
+    code = _pickled_code(path) or (named.group(1) if named else None)
     if code:
         return (f"checkpoint {path} needs arbitrary code to unpickle, which ditexport refuses (its pickle imports "
                 f"{code}); ditexport loads tensors only: save a plain state dict (torch.save(model.state_dict(), "
