@@ -90,7 +90,7 @@ def rebuild_command(export_dir: str | Path, model_flags: list[str] | None = None
 # ---------------------------------------------------------------------------------- atomic writes
 
 def fault_point(name: str) -> None:
-    """Fault-injection tests (tests/test_faults.py) set DITEXPORT_KILL_AT=<name> to have the process SIGKILLed
+    """Fault-injection tests (tests/test_faults_builds.py) set DITEXPORT_KILL_AT=<name> to have the process SIGKILLed
     right here, a real crash at a known point of a write; or DITEXPORT_PAUSE_AT=<name> to hold it here until
     the file DITEXPORT_RESUME_WHEN exists, so other processes meet it mid-build without timing guesses."""
     if os.environ.get("DITEXPORT_KILL_AT") == name:

@@ -4,6 +4,9 @@ import os
 import pytest
 import torch
 
+# The fault-injection tests' fixtures (`cli`, `system_tmp`) and helpers live in tests/fault_tools.py.
+pytest_plugins = ["fault_tools"]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def private_hash_cache(tmp_path_factory):
@@ -53,10 +56,10 @@ def no_host_sync_after_first_step(steps):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Prints how many fault cases tests/test_faults.py tried (issue 10 asks for the count)."""
+    """Prints how many fault cases tests/test_faults*.py tried (issue 10 asks for the count)."""
     import sys
 
-    module = next((m for name, m in sys.modules.items() if name.endswith("test_faults")), None)
+    module = sys.modules.get("fault_tools")
     cases = getattr(module, "CASES_TRIED", None)
     if cases:
         terminalreporter.write_line(f"fault injection: {len(cases)} cases tried through the real CLI "
