@@ -222,6 +222,11 @@ class BenchContext:
         path = self.export_dir() / onnx_filename("xty", precision)
         if not path.is_file():
             raise Skip(f"the export has no {precision} graph ({path}); rebuild it with --precision fp32,{precision}")
+        from .verification import verify_export
+
+        # Checked against the manifest before ONNX Runtime reads it, as every consumer of an export does; a damaged
+        # graph fails its own rows (its ArtifactError is recorded), the others still run.
+        verify_export(self.export_dir(), [path], all_sizes=False)
         return path
 
 

@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from . import artifacts
+from . import artifacts, locking, verification
 from .artifacts import ArtifactError, onnx_filename
 from .checkpoint import sha256_file
 from .errors import DitexportError
@@ -47,17 +47,18 @@ def describe_source(model_name: str | None, checkpoint: str | Path | None, seed:
     raise DitexportError(f"unknown model {name!r}")
 
 
-def load_reference(manifest: dict) -> DiT:
+def load_reference(manifest: dict, rebuild: str | None = None) -> DiT:
     """The torch model an export was built from, refusing weights that changed since."""
     from .checkpoint import load_checkpoint
     from .model import create_model
     from .zoo import builtin_weights, load_builtin
 
     source, config = manifest["source"], DiTConfig.from_dict(manifest["config"])
+    rebuild = rebuild or "python -m ditexport build " + " ".join(artifacts.manifest_flags(manifest)) + " --force"
     if source["kind"] == "builtin":
         if sha256_file(builtin_weights(source["model"])) != source["weights_sha256"]:
             raise ArtifactError(f"the weights of built-in model {source['model']!r} changed since this export; "
-                                f"rebuild with: python -m ditexport build --model {source['model']} --force")
+                                f"rebuild with: {rebuild}")
         return load_builtin(source["model"])
     if source["kind"] == "random":
         return create_model(config, seed=source["seed"])
@@ -65,8 +66,37 @@ def load_reference(manifest: dict) -> DiT:
     if not Path(path).is_file():
         raise ArtifactError(f"the checkpoint this export came from is gone ({path}); validation needs it")
     if sha256_file(path) != sha:
-        raise ArtifactError(f"{path} changed since this export (SHA-256 differs); rebuild with --force")
+        raise ArtifactError(f"{path} changed since this export (SHA-256 differs); rebuild with: {rebuild}")
     return load_checkpoint(path, config)
+
+
+def check_source(manifest: dict, export_dir: Path, *, model: str | None = None, checkpoint: str | None = None,
+                 config: str | None = None, image_size: int | None = None) -> None:
+    """Refuses an export that was not built from the model the user named (validate's model flags)."""
+    from .model import get_config
+
+    source = manifest.get("source") or {}
+    built = artifacts.describe_config(DiTConfig.from_dict(manifest["config"]))
+    if checkpoint is not None:
+        recorded = (source.get("checkpoint") or {}).get("sha256")
+        if not Path(checkpoint).is_file():
+            raise ArtifactError(f"--checkpoint {checkpoint}: no such file")
+        if recorded != sha256_file(checkpoint):
+            where = (source.get("checkpoint") or {}).get("path") or f"{source.get('kind')} weights"
+            raise ArtifactError(f"{export_dir} was built from {where}, not from --checkpoint {checkpoint} "
+                                "(SHA-256 differs); pass the export of that checkpoint with --export-dir")
+        return
+    if model is None and config is None and image_size is None:
+        return
+    name = model or "digits"
+    if source.get("model") != name:
+        raise ArtifactError(f"{export_dir} was built from {source.get('model') or 'a checkpoint'} ({built}), "
+                            f"not --model {name}; pass its export with --export-dir")
+    if source.get("kind") == "random" and image_size is not None:
+        wanted = get_config(name, image_size=image_size)
+        if wanted != DiTConfig.from_dict(manifest["config"]):
+            raise ArtifactError(f"{export_dir} was built for {built}, not {artifacts.describe_config(wanted)}; "
+                                "pass its export with --export-dir")
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -91,17 +121,36 @@ def up_to_date(export_dir: Path, inputs: dict, log=print) -> str | None:
     if manifest.get("inputs") != inputs or not manifest.get("validation", {}).get("passed"):
         return None
     with heartbeat(log, f"build: checking the SHA-256 of {len(manifest['files'])} files in {export_dir}"):
-        if artifacts.verify_files(export_dir, manifest["files"]):
+        if verification.verify_files(export_dir, manifest["files"],
+                                     manifest_sha=verification.manifest_digest(export_dir)):
             return None
     return f"validated {manifest.get('created', '')}, {len(manifest['files'])} files match their hashes"
 
 
+def _outputs(export_dir: Path) -> list[Path]:
+    """What a previous build made, deleted before a rebuild so no stale graph or engine survives."""
+    return [path for pattern in ("model*.onnx", "model*.onnx.data", "cond*.onnx", "cond*.onnx.data", "*.plan",
+                                 "*.plan.json", artifacts.REPORT_NAME) for path in export_dir.glob(pattern)]
+
+
 def _remove_outputs(export_dir: Path) -> None:
-    """Deletes what a previous build made, so no stale graph or engine survives next to the new ones."""
-    for pattern in ("model*.onnx", "model*.onnx.data", "cond*.onnx", "cond*.onnx.data", "*.plan", "*.plan.json",
-                    artifacts.REPORT_NAME):
-        for path in export_dir.glob(pattern):
-            path.unlink()
+    for path in _outputs(export_dir):
+        path.unlink()
+
+
+def _check_free_space(export_dir: Path, model: DiT, precisions, reclaimed: int = 0) -> None:
+    """Refuses, before anything is deleted or written, a disk that cannot hold the graphs: a lower bound of
+    4 bytes per parameter per fp32 graph and 2 per fp16 graph (xty and cond each), against the free space
+    plus what the rebuild deletes (`reclaimed` bytes)."""
+    import shutil
+
+    params = sum(p.numel() for p in model.parameters())
+    need = params * len(GRAPHS) * sum(4 if p == "fp32" else 2 for p in precisions)
+    existing = next(p for p in (export_dir, *export_dir.parents) if p.exists())
+    have = shutil.disk_usage(existing).free + reclaimed
+    if need > have:
+        raise ArtifactError(f"not enough space in {export_dir}: the graphs need at least {need / 1e6:.1f} MB, "
+                            f"{have / 1e6:.1f} MB are free; free some space or pass another --export-dir")
 
 
 def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log, rebuild_command: str | None = None) -> dict:
@@ -133,51 +182,99 @@ def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log, rebu
 def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions=PRECISIONS,
                  max_images: int = DEFAULT_MAX_BATCH_IMAGES, opset: int | None = None, force: bool = False,
                  sample_steps: int | None = None, model_name: str = "", rebuild_command: str | None = None,
-                 log=print) -> int:
-    """Export -> validate -> engine; returns the exit code (0 passed or up to date, 1 validation failed)."""
+                 build_flags: list[str] | None = None, wait: bool = True, log=print) -> int:
+    """Export -> validate -> engine; returns the exit code (0 passed or up to date, 1 validation failed).
+
+    Holds the export directory's build lock throughout (another build waits, or with wait=False is refused);
+    an up-to-date export is only read, so it may sit on a read-only file system.
+    """
+    export_dir = Path(export_dir)
+    created = not export_dir.exists()
+    if created:  # refuse a full or unwritable disk before a directory appears
+        _check_free_space(export_dir, model, precisions)
+        artifacts.ensure_writable_dir(export_dir)
+    try:
+        with locking.build_lock(export_dir, wait=wait, log=log):
+            return _build_locked(model, source, export_dir, precisions=precisions, max_images=max_images,
+                                 opset=opset or DEFAULT_OPSET, force=force, sample_steps=sample_steps,
+                                 model_name=model_name, build_flags=build_flags, log=log,
+                                 rebuild_command=rebuild_command or artifacts.rebuild_command(export_dir, build_flags))
+    except BaseException:
+        if created:  # a build that made its directory and failed leaves nothing behind
+            import shutil
+
+            shutil.rmtree(export_dir, ignore_errors=True)
+        raise
+
+
+def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max_images: int, opset: int,
+                  force: bool, sample_steps, model_name: str, build_flags, rebuild_command: str, log) -> int:
     start = time.perf_counter()
-    opset = opset or DEFAULT_OPSET
-    export_dir = artifacts.ensure_writable_dir(export_dir)
     inputs = build_inputs(model.config, source, precisions, max_images, opset)
     profile = BatchProfile.for_images(max_images, guided=model.config.has_null_class)
+    writable = artifacts.write_problem(export_dir) is None
+    if writable and (removed := locking.remove_stale_temporaries(export_dir, legacy=True)):
+        log(f"build: removed {len(removed)} temporary file(s) left by a build that did not finish: "
+            f"{', '.join(sorted(removed))}")
     if not force and (why := up_to_date(export_dir, inputs, log)):
         log(f"{export_dir}: up to date ({why}); use --force to rebuild")
+        if not writable:
+            return 0  # read-only: nothing is written, not even this machine's engines
         return _add_missing_engines(export_dir, model, precisions, profile, log, rebuild_command)
+    artifacts.ensure_writable_dir(export_dir)
+    _check_free_space(export_dir, model, precisions, sum(p.stat().st_size for p in _outputs(export_dir)))
+    locking.mark_writer(export_dir)
     artifacts.remove_manifest(export_dir)
     _remove_outputs(export_dir)
     log(f"build: {model_name} -> {export_dir} ({', '.join(precisions)}; opset {opset}; "
         f"up to {max_images} images per request)")
-    paths = export_graphs(model, export_dir, precisions=precisions, opset=opset, log=log)
-    report = _validate_and_report(export_dir, model, model_name, sample_steps, opset, log)
-    engine = (_engine_stage(export_dir, precisions, profile, log, rebuild_command) if report.passed
-              else {"status": "skipped", "reason": "validation failed"})
-    if not report.passed:
-        log("engine: skipped — validation failed")
-    elif engine["status"] == "built":
-        _check_engines(export_dir, model, report, log)
-    files = {}
-    with heartbeat(log, "build: hashing the files for the manifest"):
-        for path in sorted(paths.values()):
-            for f in (path, *artifacts.external_data_files(path)):
-                files[f.name] = artifacts.file_record(f)
-    manifest = {
-        "format": artifacts.MANIFEST_FORMAT,
-        "name": export_dir.name,
-        "model": source.get("model"),
-        "source": source,
-        "checkpoint": source.get("checkpoint"),
-        "config": model.config.to_dict(),
-        "inputs": inputs,
-        "tools": inputs["tools"],
-        "io_spec": io_spec(model.config, max_images, opset),
-        "graphs": [{"graph": g, "precision": p, "file": path.name} for (g, p), path in paths.items()],
-        "files": files,
-        "validation": {"passed": report.passed, "report": artifacts.REPORT_NAME},
-        "engine": engine,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "build_seconds": round(time.perf_counter() - start, 1),
-    }
-    artifacts.write_manifest(export_dir, manifest)
+    artifacts.fault_point("build:old-export-removed")
+    try:
+        paths = export_graphs(model, export_dir, precisions=precisions, opset=opset, log=log)
+        report = _validate_and_report(export_dir, model, model_name, sample_steps, opset, log)
+        engine = (_engine_stage(export_dir, precisions, profile, log, rebuild_command) if report.passed
+                  else {"status": "skipped", "reason": "validation failed"})
+        if not report.passed:
+            log("engine: skipped — validation failed")
+        elif engine["status"] == "built":
+            _check_engines(export_dir, model, report, log)
+        files, keys = {}, {}
+        with heartbeat(log, "build: hashing the files for the manifest"):
+            for path in sorted(paths.values()):
+                for f in (path, *artifacts.external_data_files(path)):
+                    digest, keys[f.name] = verification.hash_file(f)
+                    files[f.name] = {"size": f.stat().st_size, "sha256": digest}
+        manifest = {
+            "format": artifacts.MANIFEST_FORMAT,
+            "name": export_dir.name,
+            "model": source.get("model"),
+            "source": source,
+            "checkpoint": source.get("checkpoint"),
+            "config": model.config.to_dict(),
+            "build_flags": list(build_flags or []),
+            "inputs": inputs,
+            "tools": inputs["tools"],
+            "io_spec": io_spec(model.config, max_images, opset),
+            "graphs": [{"graph": g, "precision": p, "file": path.name} for (g, p), path in paths.items()],
+            "files": files,
+            "validation": {"passed": report.passed, "report": artifacts.REPORT_NAME},
+            "engine": engine,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - start, 1),
+        }
+        artifacts.write_manifest(export_dir, manifest)
+    except OSError as e:
+        # A full or failing disk: the export stays incomplete (no manifest) and every temporary is gone.
+        import errno
+        import shutil
+
+        cause = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+        free = shutil.disk_usage(export_dir).free
+        if e.errno != errno.ENOSPC and free < 1 << 20:  # some writers (numpy's) report a full disk without errno
+            cause += f"; its file system is full ({free} bytes free)"
+        raise ArtifactError(f"writing the export into {export_dir} failed: {cause}; "
+                            "nothing was published as an export") from None
+    verification.remember(export_dir, keys)
     log(f"build: {'done' if report.passed else 'FAILED'} in {manifest['build_seconds']:.1f} s; "
         f"manifest {export_dir / artifacts.MANIFEST_NAME}")
     return 0 if report.passed else 1
@@ -223,21 +320,65 @@ def _validate_and_report(export_dir: Path, model: DiT, model_name: str, sample_s
 
 # ---------------------------------------------------------------------------------------- validate
 
-def revalidate(export_dir: str | Path, *, sample_steps: int | None = None, log=print) -> int:
-    """Re-runs validation of an existing export against the model it came from; updates report and manifest."""
+def revalidate(export_dir: str | Path, *, sample_steps: int | None = None, rebuild: str | None = None,
+               wait: bool = True, log=print) -> int:
+    """Re-runs validation of an existing export against the model it came from; updates report and manifest.
+
+    Refuses up front, in one line, an export it could not write its report into (before minutes of work).
+    """
     export_dir = Path(export_dir)
-    manifest = artifacts.read_manifest(export_dir)
-    problems = artifacts.verify_files(export_dir, manifest["files"])
-    if problems:
-        raise ArtifactError(f"{export_dir}: {'; '.join(problems)}; rebuild with: python -m ditexport build --force")
-    model = load_reference(manifest)
-    name = manifest.get("model") or Path(manifest["source"].get("checkpoint", {}).get("path", "")).name
-    report = _validate_and_report(export_dir, model, name, sample_steps, manifest["io_spec"].get("opset"), log)
-    manifest["validation"] = {"passed": report.passed, "report": artifacts.REPORT_NAME,
-                              "revalidated": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                                  timespec="seconds")}
-    artifacts.write_manifest(export_dir, manifest)
+    manifest = artifacts.read_manifest(export_dir, rebuild)
+    rebuild = rebuild or artifacts.rebuild_command(export_dir, artifacts.manifest_flags(manifest))
+    problem = artifacts.write_problem(export_dir)
+    if problem:
+        raise ArtifactError(f"validate writes {artifacts.REPORT_NAME} and {artifacts.MANIFEST_NAME} into "
+                            f"{export_dir}, which cannot be written ({problem}); validate a writable copy")
+    with locking.build_lock(export_dir, wait=wait, log=log):
+        manifest = artifacts.read_manifest(export_dir, rebuild)  # as it is now that no build is running
+        problems = verification.verify_files(export_dir, manifest["files"])
+        if problems:
+            raise ArtifactError(f"{export_dir}: {'; '.join(problems)}; rebuild with: {rebuild}")
+        model = load_reference(manifest, rebuild)
+        name = manifest.get("model") or Path((manifest["source"].get("checkpoint") or {}).get("path", "")).name
+        from .validate import report_differences
+
+        previous = _read_report(export_dir)
+        report = _validate_and_report(export_dir, model, name, sample_steps, manifest["io_spec"].get("opset"), log)
+        if previous is not None:
+            differences = report_differences(previous, report.to_dict())
+            if differences:
+                log(f"note: the {artifacts.REPORT_NAME} this run replaced differed from it: "
+                    f"{'; '.join(differences[:5])}" + (f"; ... ({len(differences)} in all)" if len(differences) > 5
+                                                         else ""))
+        manifest["validation"] = {"passed": report.passed, "report": artifacts.REPORT_NAME,
+                                  "revalidated": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                                      timespec="seconds")}
+        artifacts.write_manifest(export_dir, manifest)
     return 0 if report.passed else 1
+
+
+def _read_report(export_dir: Path) -> dict | None:
+    try:
+        report = json.loads((export_dir / artifacts.REPORT_NAME).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable: every verdict below differs
+    return report if isinstance(report, dict) else {}
+
+
+def open_export(export_dir: str | Path, config: DiTConfig | None, open_files: list[str],
+                rebuild: str | None = None, all_sizes: bool = True) -> artifacts.ExportEntry:
+    """A validated export of `config`, its `open_files` verified against the manifest (call it under
+    `locking.read_lock` and open the files there); else one ArtifactError with the rebuild command."""
+    entry = verification.verify_export(export_dir, open_files, rebuild=rebuild, all_sizes=all_sizes)
+    built = DiTConfig.from_dict(entry.manifest["config"])
+    if config is not None and built != config:
+        raise ArtifactError(f"the export in {export_dir} was built for another model config, "
+                            f"{artifacts.describe_config(built)}, and this model is "
+                            f"{artifacts.describe_config(config)}; pass the matching "
+                            "--model/--image-size/--checkpoint, or the --export-dir of this model's export")
+    return entry
 
 
 def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_name: str = "",
@@ -252,25 +393,12 @@ def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_nam
     if not cached:
         log(f"{export_dir}: no complete export yet; building it as `python -m ditexport build` would")
         build_export(model, source, export_dir, model_name=model_name, sample_steps=sample_steps, log=log)
-    export_dir, manifest = export_for_backend(export_dir, model.config)
+    # Each consumer verifies the files it opens, so one damaged graph fails its own bench row, not the bench.
+    manifest = open_export(export_dir, model.config, open_files=[], all_sizes=False).manifest
     weights = build_inputs(model.config, source, (), 0, 0)["weights"]
     if manifest.get("inputs", {}).get("weights") != weights:
         raise ArtifactError(f"the export in {export_dir} was built from other weights than {model_name or 'this model'}"
                             "; pass another --export-dir, or rebuild it with: python -m ditexport build --force")
     if cached:
         log(f"{export_dir}: found cached ONNX export, validated {manifest.get('created', '(date unknown)')}")
-    return export_dir, manifest
-
-
-def export_for_backend(export_dir: str | Path, config: DiTConfig | None = None) -> tuple[Path, dict]:
-    """A validated export directory and its manifest, for `sample --backend onnxruntime`; else a clear error."""
-    export_dir = Path(export_dir)
-    manifest = artifacts.read_manifest(export_dir)
-    if not manifest.get("validation", {}).get("passed"):
-        raise ArtifactError(f"the export in {export_dir} failed validation (see {artifacts.REPORT_NAME}); "
-                            "rebuild it with: python -m ditexport build --force")
-    if config is not None and DiTConfig.from_dict(manifest["config"]) != config:
-        raise ArtifactError(f"the export in {export_dir} was built for another model config "
-                            f"({json.dumps(manifest['config'])}); pass the matching --model/--checkpoint "
-                            "or --export-dir")
     return export_dir, manifest

@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,8 +34,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors of a checkpoint file and any metadata it carries (e.g. a config in safetensors metadata)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; pass a .pt or .safetensors file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         try:
@@ -42,20 +47,77 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                 metadata = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+            raise CheckpointError(f"cannot read safetensors file {path}: {_first_line(e)}") from None
         return tensors, metadata
     try:
         # train.py stores its argparse.Namespace beside the weights; that one plain container is allowed.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr, over several lines
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "Unsupported global" in str(e):
-            raise CheckpointError(
-                f"{path} needs arbitrary code to unpickle, which ditexport refuses; "
-                "save a plain state dict (torch.save(model.state_dict(), ...)) or a .safetensors file"
-            ) from None
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        raise CheckpointError(_refusal(path, e)) from None
     return _unwrap(obj, path), {}
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _refusal(path: Path, error: BaseException) -> str:
+    """ditexport's own one-line reason for a file torch.load(weights_only=True) refused; it names the code a
+    pickle would load and never suggests loading it unsafely."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(error))  # torch names the first global it refused
+    code = _pickled_code(path) or (named.group(1) if named else None)
+    if code:
+        return (f"checkpoint {path} needs arbitrary code to unpickle, which ditexport refuses (its pickle imports "
+                f"{code}); ditexport loads tensors only: save a plain state dict (torch.save(model.state_dict(), "
+                "...)) or a .safetensors file")
+    if isinstance(error, EOFError) or "central directory" in str(error):
+        return f"cannot read checkpoint {path}: it is truncated (it ends before its data does)"
+    return f"cannot read checkpoint {path}: it is not a PyTorch checkpoint or a safetensors file"
+
+
+# Globals a plain state dict's pickle uses; anything else is code the file wants to run.
+_TENSOR_GLOBALS = re.compile(r"^(torch\.|collections\.OrderedDict$|_codecs\.encode$|argparse\.Namespace$|"
+                             r"numpy\.core\.multiarray\._reconstruct$|builtins\.(set|frozenset|bytearray|slice)$)")
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+
+
+def _pickled_code(path: Path) -> str | None:
+    """The first global outside plain tensor containers that a pickle (or a torch zip's data.pkl) would import,
+    found by reading its opcodes without running any of them."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(member) if member else b""
+        else:
+            data = path.read_bytes()
+        strings, memo = [], {}
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+                           "BINSTRING", "STRING"):
+                strings.append(str(arg))
+            elif op.name == "MEMOIZE" and strings:
+                memo[len(memo)] = strings[-1]
+            elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                memo[arg] = strings[-1]
+            elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
+                strings.append(memo[arg])
+            elif op.name in ("GLOBAL", "INST") or (op.name == "STACK_GLOBAL" and len(strings) >= 2):
+                name = str(arg).replace(" ", ".") if op.name != "STACK_GLOBAL" else f"{strings[-2]}.{strings[-1]}"
+                if not _IDENTIFIER.match(name):
+                    return None  # bytes that merely parse as opcodes: not a pickle worth naming
+                if not _TENSOR_GLOBALS.match(name):
+                    return name
+    except Exception:  # not a pickle at all (random bytes): nothing to name
+        return None
+    return None
 
 
 def _unwrap(obj, path) -> dict[str, torch.Tensor]:

@@ -2,15 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shlex
 import sys
 from pathlib import Path
 
 from .errors import DitexportError
 
-# Errors that are the user's to fix: printed as one line, exit code 2. DITEXPORT_DEBUG=1 shows tracebacks.
-USER_ERRORS = (DitexportError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError)
+# Errors that are the user's to fix, or the file system's (full, read-only, missing): printed as one line,
+# exit code 2. DITEXPORT_DEBUG=1 shows tracebacks.
+USER_ERRORS = (DitexportError, ValueError, OSError)
+
+
+class Labels(list):
+    """Class labels parsed from --classes, keeping the text the user typed (for messages)."""
+
+    def __init__(self, values, text: str):
+        super().__init__(values)
+        self.text = text
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -22,7 +31,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_labels(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+        return Labels([int(v) for v in text.replace(" ", "").split(",") if v != ""], text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"class labels must be comma-separated integers, got {text!r}") from None
 
@@ -82,18 +91,101 @@ def load_cli_model(args):
         return load_model(args.model, args.checkpoint, args.config, args.image_size)
 
 
-def sampler_config(args):
-    from .diffusion import SamplerConfig
+SAMPLER_FLAGS = {"guidance_scale": "--cfg-scale", "eta": "--eta", "num_steps": "--steps"}
 
-    return SamplerConfig(num_steps=args.steps, method=args.sampler, guidance_scale=args.cfg_scale, eta=args.eta,
-                         guide_all_channels=args.guide_all_channels)
+
+def sampler_config(args):
+    """The sampler settings of the flags; a setting the sampler refuses is one line naming its flag."""
+    from .diffusion import SamplerConfig, SamplerConfigError
+
+    try:
+        return SamplerConfig(num_steps=args.steps, method=args.sampler, guidance_scale=args.cfg_scale, eta=args.eta,
+                             guide_all_channels=args.guide_all_channels)
+    except SamplerConfigError as e:
+        flag = SAMPLER_FLAGS.get(e.field, e.field)
+        raise DitexportError(f"{flag} must be a finite number, got {getattr(args, flag[2:].replace('-', '_'))}") \
+            from None
+
+
+def check_seed_flag(seed: int) -> None:
+    from .pipeline import SEED_RANGE
+
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise DitexportError(f"--seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {seed}")
 
 
 def resolve_device(name: str):
-    """backends.base.resolve_device, imported late so that `--help` does not import torch."""
+    """backends.base.resolve_device, imported late so that `--help` does not import torch; a name torch does
+    not know is one line naming --device."""
     from .backends.base import resolve_device as resolve
 
+    check_device_name(name)
     return resolve(name)
+
+
+def check_device_name(name: str) -> None:
+    import torch
+
+    if name != "auto":
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise DitexportError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+
+
+def model_flags(args) -> list[str]:
+    """The model flags the user typed (--model, --checkpoint, --config, --image-size), for hints."""
+    flags = []
+    for flag, value in (("--model", getattr(args, "model", None)), ("--checkpoint", getattr(args, "checkpoint", None)),
+                        ("--config", getattr(args, "config", None)), ("--image-size", getattr(args, "image_size", None))):
+        if value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def export_dir_of(args) -> Path:
+    """--export-dir, or the default export directory of the model flags."""
+    from .artifacts import default_export_dir
+
+    if getattr(args, "export_dir", None):
+        return Path(args.export_dir)
+    return default_export_dir(args.model, args.checkpoint, image_size=getattr(args, "image_size", None))
+
+
+def rebuild_hint(args, export_dir: Path) -> str | None:
+    """The build command for hints about `export_dir` with the user's model flags; None when the user named
+    no model, so the hint takes the flags the export was built with (from its manifest)."""
+    from .artifacts import rebuild_command
+
+    flags = model_flags(args)
+    return rebuild_command(export_dir, flags) if flags else None
+
+
+def check_output_file(path: str | Path, flag: str = "--out") -> Path:
+    """Refuses, before any work, an output path that cannot become a file; creates missing directories only
+    under the working directory (elsewhere a missing directory is more likely a typo)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DitexportError(f"{flag} {path} is a directory; name a file in it, e.g. {path / 'samples.png'}")
+    parent = path.parent
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise DitexportError(f"{flag} {path}: {ancestor} is a file, not a directory")
+            break
+    if not parent.exists():
+        inside = Path.cwd().resolve()
+        resolved = parent.resolve()
+        if resolved != inside and inside not in resolved.parents:
+            raise DitexportError(f"{flag} {path}: directory {parent} does not exist (directories are created "
+                                 "only under the working directory); create it first")
+        parent.mkdir(parents=True, exist_ok=True)
+    from .artifacts import write_problem
+
+    problem = write_problem(parent)
+    if problem:
+        raise DitexportError(f"cannot write {flag} {path}: {problem}")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------- info
@@ -130,46 +222,52 @@ def cmd_info(args) -> int:
 
 def make_tensorrt_backend(args, model):
     """`--backend tensorrt`: this machine's plan (and cond plan, if built) from the export directory."""
-    from .artifacts import default_export_dir
     from .backends.tensorrt_backend import TensorRTBackend
-    from .build import export_for_backend
+    from .build import open_export
     from .engine import EngineError, current_environment, find_plan, tensorrt_unavailable_reason
+    from .locking import read_lock
 
     reason = tensorrt_unavailable_reason(for_build=False)
     if reason:
         raise EngineError(f"the tensorrt backend is unavailable: {reason}")
-    export_dir = getattr(args, "export_dir", None) or default_export_dir(args.model, args.checkpoint)
-    export_dir, _ = export_for_backend(export_dir, model.config)  # validated, and made from this model
-    device = resolve_device("cuda" if args.device in ("cpu", "auto") else args.device)
-    env = current_environment(device)  # the plan for the GPU asked for (cuda:N), not the current one
-    plan = find_plan(export_dir, environment=env)
-    try:
-        cond_plan = find_plan(export_dir, stem="cond", environment=env)
-    except EngineError:
-        cond_plan = None  # the conditioning-vector engine is optional
-    return TensorRTBackend(plan, model.config, cond_plan_path=cond_plan, max_batch=args.max_batch, device=device)
+    export_dir = export_dir_of(args)
+    with read_lock(export_dir):
+        open_export(export_dir, model.config, [], rebuild_hint(args, export_dir))  # validated, from this model
+        device = resolve_device("cuda" if args.device in ("cpu", "auto") else args.device)
+        env = current_environment(device)  # the plan for the GPU asked for (cuda:N), not the current one
+        plan = find_plan(export_dir, environment=env)
+        try:
+            cond_plan = find_plan(export_dir, stem="cond", environment=env)
+        except EngineError:
+            cond_plan = None  # the conditioning-vector engine is optional
+        # The plans are checked against the SHA-256 in their metadata as they load.
+        return TensorRTBackend(plan, model.config, cond_plan_path=cond_plan, max_batch=args.max_batch,
+                               device=device)
 
 
 def make_onnxruntime_backend(args, model):
-    """`--backend onnxruntime`: the validated export of this model (--export-dir, or exports/<name>)."""
-    from .artifacts import default_export_dir, onnx_filename
+    """`--backend onnxruntime`: the validated export of this model (--export-dir, or exports/<name>), its
+    graphs checked against the manifest's SHA-256 before ONNX Runtime opens them."""
+    from .artifacts import rebuild_command
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
-    from .build import export_for_backend
+    from .build import open_export
+    from .locking import read_lock
+    from .verification import verify_export
 
-    export_dir = getattr(args, "export_dir", None) or default_export_dir(args.model, args.checkpoint)
-    if not (Path(export_dir) / "manifest.json").is_file():
-        how = f"--checkpoint {args.checkpoint}" if args.checkpoint else f"--model {args.model or 'digits'}"
-        raise DitexportError(f"no ONNX export in {export_dir}; build it first with: "
-                             f"python -m ditexport build {how}")
-    export_dir, manifest = export_for_backend(export_dir, model.config)
+    export_dir = export_dir_of(args)
+    hint = rebuild_hint(args, export_dir)
     precision = getattr(args, "precision", "fp32")
-    onnx_path = export_dir / onnx_filename("xty", precision)
-    if onnx_path.name not in manifest["files"]:
-        raise DitexportError(f"the export in {export_dir} has no {precision} graph; rebuild it with "
-                             f"--precision fp32,{precision}")
-    cond_path = export_dir / onnx_filename("cond", precision)
-    return OnnxRuntimeBackend(onnx_path, model.config, max_batch=args.max_batch,
-                              cond_path=cond_path if cond_path.name in manifest["files"] else None)
+    with read_lock(export_dir):  # a build writing the export is waited for, then its result is read
+        if not (export_dir / "manifest.json").is_file():
+            command = (hint or rebuild_command(export_dir)).removesuffix(" --force")
+            raise DitexportError(f"no ONNX export in {export_dir}; build it first with: {command}")
+        entry = open_export(export_dir, model.config, [], hint)
+        onnx_path, cond_path = entry.graph_path("xty", precision), entry.graph_path("cond", precision)
+        if onnx_path is None:
+            raise DitexportError(f"the export in {export_dir} has no {precision} graph; rebuild it with "
+                                 f"--precision fp32,{precision}")
+        verify_export(export_dir, [p for p in (onnx_path, cond_path) if p is not None], rebuild=hint)
+        return OnnxRuntimeBackend(onnx_path, model.config, max_batch=args.max_batch, cond_path=cond_path)
 
 
 def make_backend(args, model):
@@ -209,33 +307,56 @@ def check_backend_available(args) -> None:
 
 
 def cmd_sample(args) -> int:
-    from .images import save_grid, save_npz
-    from .pipeline import Pipeline, VaeDecoder, check_request
+    from .images import PngGridWriter, npz_writer
+    from .pipeline import CHUNK_IMAGES, Pipeline, VaeDecoder, check_request
 
+    # Everything the flags alone can refuse is refused before the model is built or anything sampled.
+    sampler_cfg = sampler_config(args)
+    check_seed_flag(args.seed)
+    check_device_name(args.device)
+    if args.classes is not None and not args.classes:
+        raise DitexportError(f"--classes {args.classes.text!r} names no class label; give e.g. --classes 3,1,4")
+    out = check_output_file(args.out)
+    npz = check_output_file(args.npz, "--npz") if args.npz else None
     check_backend_available(args)
     model, source = load_cli_model(args)
     cfg = model.config
     labels = args.classes or [i % cfg.num_classes for i in range(args.num_images)]
-    check_request(cfg, labels, sampler_config(args))
+    check_request(cfg, labels, args.seed, sampler_cfg)
     threads = set_threads(args, cfg.hidden_size)
     backend = make_backend(args, model)
     decoder = None
     if args.vae is not None:
         decoder = VaeDecoder(args.vae, device=backend.device)
+    pipeline = Pipeline(backend, decoder)
     if cfg.in_channels == 4 and args.vae is None:
         print("note: latent model without --vae: writing the first 3 latent channels, not decoded images")
     print(f"model: {source}; backend: {backend.describe()}, {threads}; {len(labels)} images, {args.steps} "
           f"{args.sampler} steps, guidance {args.cfg_scale}")
-    result = Pipeline(backend, decoder)(labels, seed=args.seed, sampler_cfg=sampler_config(args),
-                                        progress=not args.quiet)
-    images = result.images[:, :3]
-    upscale = max(1, 64 // images.shape[-1])  # 8x8 digits are too small to see unscaled
-    path = save_grid(images, args.out, upscale=upscale)
-    print(f"wrote {path}: {result.total_s:.2f} s in all, {result.step_ms:.1f} ms per step "
-          f"({result.steps} steps, batch {len(labels) * (2 if args.cfg_scale != 1 else 1)} per forward)")
-    if args.npz:
-        n, c, h, w = images.shape
-        print(f"wrote {save_npz(images, args.npz)}: arr_0 of shape ({n}, {h}, {w}, {c}) uint8")
+    upscale = max(1, 64 // cfg.input_size) if args.vae is None else 1  # 8x8 digits are too small to see unscaled
+    total_s = sampler_s = 0.0
+    chunks = steps = 0
+    with contextlib.ExitStack() as outputs:
+        # Both files are created now (an unwritable destination fails here) and published only when complete.
+        grid = outputs.enter_context(PngGridWriter(out, len(labels), upscale=upscale))
+        write_npz = None
+        for result in pipeline.chunks(labels, seed=args.seed, sampler_cfg=sampler_cfg, progress=not args.quiet):
+            images = result.images[:, :3]
+            grid.add(images)
+            if npz is not None:
+                if write_npz is None:
+                    _, c, h, w = images.shape
+                    write_npz = outputs.enter_context(npz_writer(npz, len(labels), h, w, c))
+                write_npz(images)
+            total_s, sampler_s, steps, chunks = total_s + result.total_s, sampler_s + result.sampler_s, \
+                result.steps, chunks + 1
+    rows = min(len(labels), CHUNK_IMAGES) * (2 if args.cfg_scale != 1 else 1)
+    in_chunks = f", {chunks} chunks of up to {CHUNK_IMAGES} images" if chunks > 1 else ""
+    print(f"wrote {out}: {total_s:.2f} s in all, {1000 * sampler_s / (steps * chunks):.1f} ms per step "
+          f"({steps} steps, batch {rows} per forward{in_chunks})")
+    if npz is not None:
+        _, c, h, w = images.shape
+        print(f"wrote {npz}: arr_0 of shape ({len(labels)}, {h}, {w}, {c}) uint8")
     return 0
 
 
@@ -419,29 +540,37 @@ def cmd_export_vae(args) -> int:
 # ------------------------------------------------------------------------------------- build, validate
 
 def cmd_build(args) -> int:
-    from .artifacts import default_export_dir
+    from .artifacts import rebuild_command
     from .build import build_export, describe_source, parse_precisions
 
     precisions = parse_precisions(args.precision)
+    out = export_dir_of(args)
     model, source_text = load_cli_model(args)
     source = describe_source(args.model, args.checkpoint)
-    out = Path(args.out) if args.out else default_export_dir(args.model, args.checkpoint)
     print(f"model: {source_text}; {set_threads(args, model.config.hidden_size)}")
-    # Engine errors quote the command that rebuilds them: the one the user typed, forced.
-    argv = [a for a in sys.argv[1:] if a != "--force"] if sys.argv[1:2] == ["build"] else ["build"]
-    rebuild = " ".join(["python -m ditexport", *map(shlex.quote, argv), "--force"])
+    # Hints (and engine errors) quote the command that rebuilds this export: the user's flags, forced.
+    flags = model_flags(args) or ["--model", "digits"]
+    for flag, value, default in (("--precision", args.precision, "fp32,fp16"), ("--max-batch", args.max_batch, 8),
+                                 ("--opset", args.opset, None)):
+        if value != default:
+            flags += [flag, str(value)]
     return build_export(model, source, out, precisions=precisions, max_images=args.max_batch, opset=args.opset,
-                        force=args.force, sample_steps=args.sample_steps, rebuild_command=rebuild,
+                        force=args.force, sample_steps=args.sample_steps, rebuild_command=rebuild_command(out, flags),
+                        build_flags=flags, wait=not args.no_wait,
                         model_name=args.model or (Path(args.checkpoint).name if args.checkpoint else "digits"))
 
 
 def cmd_validate(args) -> int:
-    from .artifacts import default_export_dir, read_manifest
-    from .build import revalidate
+    from .artifacts import read_manifest
+    from .build import check_source, revalidate
 
-    export_dir = args.export_dir or default_export_dir(args.model)
-    print(f"validate: {export_dir}; {set_threads(args, read_manifest(export_dir)['config']['hidden_size'])}")
-    return revalidate(export_dir, sample_steps=args.sample_steps)
+    export_dir = export_dir_of(args)
+    hint = rebuild_hint(args, export_dir)
+    manifest = read_manifest(export_dir, hint)
+    check_source(manifest, export_dir, model=args.model, checkpoint=args.checkpoint, config=args.config,
+                 image_size=args.image_size)
+    print(f"validate: {export_dir}; {set_threads(args, manifest['config']['hidden_size'])}")
+    return revalidate(export_dir, sample_steps=args.sample_steps, rebuild=hint, wait=not args.no_wait)
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -599,7 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "exist. With no arguments: the built-in digits model into exports/digits. Skipped when the "
                        "export is up to date.")
     add_model_arguments(p)
-    p.add_argument("--out", default=None, help="export directory (default: exports/<model or checkpoint name>)")
+    p.add_argument("--export-dir", "--out", dest="export_dir", default=None,
+                   help="export directory (default: exports/<checkpoint name>, exports/digits, or "
+                        "exports/<config>-<size> such as exports/DiT-S-2-256); --out is an alias")
     p.add_argument("--precision", default="fp32,fp16",
                    help="comma-separated graph precisions; fp32 is always built, as the reference (default: fp32,fp16)")
     p.add_argument("--max-batch", type=positive_int, default=8,
@@ -610,18 +741,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps of the sample-level parity check, 0 to skip (default: 50 for digits, else 5)")
     p.add_argument("--force", action="store_true", help="rebuild even when the export is up to date")
     add_threads_argument(p)
+    p.add_argument("--no-wait", action="store_true",
+                   help="refuse instead of waiting when another build is writing the export directory")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("validate", help="re-validate an existing export",
                        description="Re-run the validation of an export against the model it was built from; "
                        "writes report.json and ends with PASSED or FAILED.")
-    p.add_argument("--export-dir", default=None, help="export directory (default: exports/<--model>)")
-    p.add_argument("--model", default=None, help="model name, to find exports/<name> (default: digits)")
+    add_model_arguments(p)
+    p.add_argument("--export-dir", default=None,
+                   help="export directory (default: the model's, as for build); with model flags, the export "
+                        "must have been built from that model")
     p.add_argument("--sample-steps", type=int, default=None,
                    help="steps of the sample-level parity check, 0 to skip (default: 50 for digits, else 5)")
     add_threads_argument(p)
+    p.add_argument("--no-wait", action="store_true", help="refuse instead of waiting while a build writes the export")
     p.set_defaults(func=cmd_validate)
     return parser
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: OSErrors name their path and cause ("cannot write x.png: Read-only file system")."""
+    if isinstance(error, OSError) and not isinstance(error, DitexportError) and error.strerror:
+        paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+        return f"{paths}: {error.strerror}" if paths else error.strerror
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -635,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if os.environ.get("DITEXPORT_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ import logging
 import random
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -76,6 +77,7 @@ class ModelEntry:
     cond_paths: dict[str, Path] = field(default_factory=dict)   # precision -> conditioning-vector graph
     engine_paths: dict[str, Path] = field(default_factory=dict)  # graph ("xty", "cond") -> plan for this GPU
     note: str = ""                             # a warning shown with the model (e.g. random weights)
+    export_dir: Path | None = None             # the export the graphs belong to, checked before they are opened
     _embedder: object = field(default=None, repr=False)
     _torch_model: DiT | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -96,13 +98,28 @@ class ModelEntry:
         if self._embedder is None:
             module = self._torch_model
             for path in ([] if module is not None else self.onnx_paths.values()):
-                module = embedders_from_onnx(path, self.config)
+                with self.verified([path]):
+                    module = embedders_from_onnx(path, self.config)
                 if module is not None:
                     break
             if module is None:
                 module = self.torch_model
             self._embedder = TorchConditionEmbedder(module) if module is not None else False
         return self._embedder or None
+
+    @contextmanager
+    def verified(self, paths: list[Path]):
+        """Checks export files against the manifest (under the export's read lock) before the block opens them;
+        an export that no longer matches is refused with its rebuild command."""
+        if self.export_dir is None:
+            yield
+            return
+        from .locking import read_lock
+        from .verification import verify_export
+
+        with read_lock(self.export_dir, log=log.info):
+            verify_export(self.export_dir, [p for p in paths if p is not None])
+            yield
 
     def backend_choices(self) -> list[str]:
         """The runtimes that can run this model here, as menu values "runtime (precision)"."""
@@ -173,32 +190,34 @@ def builtin_entry() -> ModelEntry:
 
 
 def export_entries(root: str | Path) -> list[ModelEntry]:
-    """One entry per export under `root` whose manifest names a config; unreadable exports are skipped."""
+    """One entry per validated, complete export under `root`; others are skipped with one log line each."""
+    from .artifacts import list_exports, manifest_flags, rebuild_command
+    from .verification import verify_files
+
     root = Path(root)
     if not root.is_dir():
         return []
     entries = []
-    for export_dir, manifest in _list_exports(root):
+    for export in list_exports(root):
+        rebuild = rebuild_command(export.path, manifest_flags(export.manifest))
+        problems = [] if export.validated else [f"its validation failed (see {export.path / 'report.json'})"]
+        # Sizes now (cheap); SHA-256 when a request first opens a graph.
+        problems += verify_files(export.path, export.manifest.get("files", {}), check_hashes=False)
+        if problems:
+            log.warning("demo: not offering %s: %s; rebuild it with: %s", export.path, "; ".join(problems), rebuild)
+            continue
         try:
-            entries.append(_export_entry(export_dir, manifest))
+            entries.append(_export_entry(export.path, export.manifest))
         except (DitexportError, KeyError, TypeError, ValueError) as e:
-            log.warning("demo: skipping export %s: %s", export_dir, e)
+            log.warning("demo: skipping export %s: %s", export.path, e)
     return entries
-
-
-def _list_exports(root: Path) -> list[tuple[Path, dict]]:
-    """(directory, manifest) of every complete export under `root`."""
-    from .artifacts import list_exports
-
-    return [(entry.path, entry.manifest) for entry in list_exports(root)]
 
 
 def _export_entry(export_dir: Path, manifest: dict) -> ModelEntry:
     config = DiTConfig.from_dict(manifest["config"])
-    onnx_paths = {p: export_dir / f for p, f in (("fp32", "model.onnx"), ("fp16", "model.fp16.onnx"))
-                  if (export_dir / f).is_file()}
-    cond_paths = {p: export_dir / f for p, f in (("fp32", "cond.onnx"), ("fp16", "cond.fp16.onnx"))
-                  if (export_dir / f).is_file()}
+    files = manifest.get("files", {})
+    onnx_paths = {p: export_dir / f for p, f in (("fp32", "model.onnx"), ("fp16", "model.fp16.onnx")) if f in files}
+    cond_paths = {p: export_dir / f for p, f in (("fp32", "cond.onnx"), ("fp16", "cond.fp16.onnx")) if f in files}
     load_torch, source, note = _export_torch_loader(manifest)
     name = manifest.get("model_name") or manifest.get("model") or ""
     if config == DIT_CONFIGS["DiT-digits"]:  # that config exists only for the digits model
@@ -206,7 +225,7 @@ def _export_entry(export_dir: Path, manifest: dict) -> ModelEntry:
     return ModelEntry(key=f"exports/{export_dir.name}", config=config, source=f"{source}, exported to {export_dir}",
                       class_names=class_names(config.num_classes, name if isinstance(name, str) else None),
                       load_torch=load_torch, onnx_paths=onnx_paths, cond_paths=cond_paths,
-                      engine_paths=_engine_plans(export_dir), note=note)
+                      engine_paths=_engine_plans(export_dir), note=note, export_dir=export_dir)
 
 
 def _export_torch_loader(manifest: dict) -> tuple[Callable[[], DiT] | None, str, str]:
@@ -314,11 +333,15 @@ class DemoService:
             return TorchBackend(entry.torch_model, device=self.device)
         if runtime == "onnxruntime":
             backend_cls = _onnxruntime_backend_class()
-            return backend_cls(entry.onnx_paths[precision], entry.config, cond_path=entry.cond_paths.get(precision),
-                               threads=torch.get_num_threads())  # the same CPU budget as torch
+            graph, cond = entry.onnx_paths[precision], entry.cond_paths.get(precision)
+            with entry.verified([graph, cond]):
+                return backend_cls(graph, entry.config, cond_path=cond,
+                                   threads=torch.get_num_threads())  # the same CPU budget as torch
         from .backends.tensorrt_backend import TensorRTBackend  # offered only where TensorRT is usable
 
-        return TensorRTBackend(entry.engine_paths["xty"], entry.config, cond_plan_path=entry.engine_paths.get("cond"))
+        with entry.verified([]):  # the plans are checked against their metadata's SHA-256 as they load
+            return TensorRTBackend(entry.engine_paths["xty"], entry.config,
+                                   cond_plan_path=entry.engine_paths.get("cond"))
 
     def close(self) -> None:
         with self._backend_lock:
@@ -491,7 +514,8 @@ def build_app(service: DemoService):
                 blend_class=_as_int(blend_class, "blend class"), blend_weight=_as_float(blend_weight, "blend"))
             response = service.generate(request, on_wait=lambda msg: progress(0, desc=msg))
         except (DitexportError, ValueError) as e:
-            raise gr.Error(str(e)) from None
+            # A rejected request is the user's to fix, not a server fault: no traceback in the server log.
+            raise gr.Error(str(e), print_exception=False) from None
         return list(zip(response.images, response.captions)), response.summary
 
     with gr.Blocks(title="ditexport · DiT demo", analytics_enabled=False) as app:
@@ -509,12 +533,12 @@ def build_app(service: DemoService):
                     blend_weight = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Blend (0 = class, 1 = blend)")
                 with gr.Row():
                     sampler = gr.Radio(["ddpm", "ddim"], value="ddpm", label="Sampler")
-                    steps = gr.Number(250, precision=0, label=f"Steps (1-{limits.max_steps})")
+                    steps = gr.Number(250, label=f"Steps (1-{limits.max_steps})")
                 with gr.Row():
                     guidance = gr.Slider(1.0, limits.max_guidance, value=4.0, step=0.25, label="Guidance scale")
-                    num_images = gr.Number(8, precision=0, label=f"Images (1-{limits.max_images})")
+                    num_images = gr.Number(8, label=f"Images (1-{limits.max_images})")
                 with gr.Row():
-                    seed = gr.Number(0, precision=0, label="Seed")
+                    seed = gr.Number(0, label="Seed")
                     randomize = gr.Button("Random seed", size="sm")
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
@@ -524,9 +548,11 @@ def build_app(service: DemoService):
         model.change(model_changed, inputs=model, outputs=[backend, class_index, blend_class, note], queue=False)
         randomize.click(random_seed, outputs=seed, queue=False, api_visibility="private")
         # Per-runtime limits are enforced by the service; the queue itself lets requests through to them.
+        # preprocess=False: values reach `run` as sent, so the service (not the menus a page started with, nor
+        # a rounding Number) judges every request, API calls included, and answers in one message.
         generate.click(run, inputs=[model, backend, class_index, blend_class, blend_weight, num_images, guidance,
                                     sampler, steps, seed], outputs=[gallery, summary], api_name="generate",
-                       concurrency_limit=None)
+                       concurrency_limit=None, preprocess=False)
     app.queue(max_size=32)
     return app
 

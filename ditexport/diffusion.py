@@ -8,6 +8,7 @@ The sampler drives any callable `model(x, t, y) -> out`; it knows nothing of run
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -271,6 +272,22 @@ class SamplerConfig:
     guide_all_channels: bool = False  # official guides 3 latent channels; diffusers guides all
     clip_denoised: bool = False      # official sample.py does not clip latents
     respacing: str | None = None     # ddpm/ddim: overrides str(num_steps), e.g. "ddim50"
+
+    def __post_init__(self):
+        # NaN or inf here would run the whole chain and end in black images; refuse them where every caller
+        # (CLI, Python API, demo) passes.
+        for name in ("guidance_scale", "eta"):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+                raise SamplerConfigError(name, f"{name} must be a finite number, got {value!r}")
+
+
+class SamplerConfigError(ValueError):
+    """A sampler setting that cannot be sampled with; `field` names the SamplerConfig field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 class Sampler:

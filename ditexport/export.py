@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -26,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .artifacts import onnx_filename, publish
+from .artifacts import onnx_filename, publish, scratch_dir
 from .errors import DitexportError
 from .model import DiT, DiTConfig
 
@@ -216,8 +214,8 @@ def _export_attention(model: DiT, opset: int):
             block.attn = attn
 
 
-def _torch_to_onnx(model: DiT, graph: str, opset: int, batch: int):
-    """The fp32 ONNX ModelProto of one graph, from the dynamo exporter."""
+def _torch_to_onnx(model: DiT, graph: str, opset: int, batch: int, workdir: str | Path | None = None):
+    """The fp32 ONNX ModelProto of one graph, from the dynamo exporter (traced through a file in `workdir`)."""
     if batch < 2:
         # torch.export specialises sizes 0 and 1, which would fix the batch axis.
         raise ExportError(f"export with a batch of at least 2 so the batch axis stays dynamic, got {batch}")
@@ -248,7 +246,7 @@ def _torch_to_onnx(model: DiT, graph: str, opset: int, batch: int):
     # the ModelProto is built, so the two never sit in memory together (DiT-XL/2: 2.7 GB each).
     import onnx
 
-    with tempfile.TemporaryDirectory(prefix="ditexport-trace-") as tmp:
+    with scratch_dir(workdir, "trace") as tmp:
         path = Path(tmp) / "traced.onnx"
         program.save(str(path), external_data=True)
         del program
@@ -509,8 +507,7 @@ def save_onnx(proto, path: str | Path, external_data_threshold: int = EXTERNAL_D
     path = Path(path)
     external = initializer_bytes(proto) > external_data_threshold
     data_name = f"{path.name}.data"
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with scratch_dir(path.parent, path.name) as tmp_dir:
         tmp = tmp_dir / path.name
         if external:
             onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -525,8 +522,6 @@ def save_onnx(proto, path: str | Path, external_data_threshold: int = EXTERNAL_D
         else:
             (path.parent / data_name).unlink(missing_ok=True)
         publish(tmp, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
 
 
@@ -572,7 +567,7 @@ def export_onnx(model: DiT, path: str | Path, *, precision: str = "fp32", graph:
     """
     opset = opset or DEFAULT_OPSET
     _check_options(precision, graph, opset)
-    proto = _torch_to_onnx(model, graph, opset, batch)
+    proto = _torch_to_onnx(model, graph, opset, batch, workdir=Path(path).parent)
     return save_onnx(_finish(proto, model.config, graph, precision, opset), path, external_data_threshold)
 
 
@@ -595,13 +590,13 @@ def export_graphs(model: DiT, out_dir: str | Path, *, precisions=PRECISIONS, gra
         _check_options(precision, "xty", opset)
     out_dir = Path(out_dir)
     paths = {}
-    with tempfile.TemporaryDirectory(prefix=".fp32-", dir=out_dir) as scratch:
+    with scratch_dir(out_dir, "fp32") as scratch:
         for graph in graphs:
             start = time.perf_counter()
             fp32_path = out_dir / onnx_filename(graph, "fp32") if "fp32" in precisions else \
                 Path(scratch) / onnx_filename(graph, "fp32")
             with heartbeat(log, f"export: tracing the {graph} graph (torch.onnx.export, dynamo)", end_line=True):
-                proto = _torch_to_onnx(model, graph, opset, batch)
+                proto = _torch_to_onnx(model, graph, opset, batch, workdir=out_dir)
             with heartbeat(log, f"export: cleaning up and writing {fp32_path.name}"):
                 save_onnx(_finish(proto, model.config, graph, "fp32", opset), fp32_path, external_data_threshold)
                 del proto

@@ -13,9 +13,7 @@ Four kinds of evidence, as in DESIGN.md:
 from __future__ import annotations
 
 import copy
-import functools
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import onnx_filename
+from .artifacts import onnx_filename, scratch_dir
 from .errors import DitexportError
 from .export import GRAPHS, PRECISIONS, TOLERANCE, graph_spec, release_memory
 from .model import DiT, DiTConfig
@@ -187,7 +185,7 @@ def check_graph(model: DiT, onnx_path: str | Path, *, graph: str = "xty", precis
     spec = graph_spec(model.config, graph)
     providers = providers or default_providers()
     emulated = needs_emulation(precision, providers)
-    with tempfile.TemporaryDirectory(prefix="ditexport-check-") as tmp:
+    with scratch_dir(onnx_path.parent, "check") as tmp:
         session = load_session(emulated_copy(onnx_path, tmp) if emulated else onnx_path, providers)
     checks = []
     references = {} if references is None else references
@@ -249,7 +247,7 @@ def locate_drift(reference_path: str | Path, candidate_path: str | Path, feed: d
     `candidate_path` is an fp16 graph; `reference_path` the fp32 graph of the same export.
     """
     arrays = {k: v.numpy() for k, v in feed.items()}
-    with tempfile.TemporaryDirectory(prefix="ditexport-drift-") as tmp:
+    with scratch_dir(Path(candidate_path).parent, "drift") as tmp:
         reference, _ = _all_tensors(Path(reference_path), arrays, Path(tmp))
         # Polygraphy runs ONNX Runtime on the CPU here, so an fp16 candidate runs as its emulated twin.
         candidate, order = _all_tensors(emulated_copy(candidate_path, tmp), arrays, Path(tmp))
@@ -294,20 +292,27 @@ def scale_residual_branches(model: DiT, gate_gain: float, branch_gain: float) ->
                 linear.bias.mul_(branch_gain)
 
 
+_STRESS_RESULTS: dict[tuple, dict] = {}
+
+
 def stress_check(config: DiTConfig | str = "DiT-tiny/2", *, opset: int | None = None, seed: int = 0,
-                 batch: int = 2, target: float = 2 * FP16_MAX, gate_gain: float = 1024.0) -> dict:
+                 batch: int = 2, target: float = 2 * FP16_MAX, gate_gain: float = 1024.0,
+                 workdir: str | Path | None = None) -> dict:
     """Weights scaled until the residual stream passes `target` (> 65504), every weight still representable
     in fp16; then the mixed-precision fp16 graph and an all-fp16 graph of that model vs torch fp32.
 
     It checks the export code, not a particular model, so one result per process and settings is reused.
+    Its graphs are written into a temporary directory in `workdir` (the export directory being validated).
     """
     from .export import DEFAULT_OPSET
 
-    return copy.deepcopy(_stress_check(config, opset or DEFAULT_OPSET, seed, batch, target, gate_gain))
+    key = (config, opset or DEFAULT_OPSET, seed, batch, target, gate_gain)
+    if key not in _STRESS_RESULTS:
+        _STRESS_RESULTS[key] = _stress_check(*key, workdir=workdir)
+    return copy.deepcopy(_STRESS_RESULTS[key])
 
 
-@functools.lru_cache(maxsize=8)
-def _stress_check(config, opset, seed, batch, target, gate_gain) -> dict:
+def _stress_check(config, opset, seed, batch, target, gate_gain, workdir) -> dict:
     from .backends.onnxruntime_backend import load_session
     from .export import export_onnx
     from .model import create_model
@@ -322,7 +327,7 @@ def _stress_check(config, opset, seed, batch, target, gate_gain) -> dict:
     largest_weight = max(p.abs().max().item() for p in model.parameters())
     expected = reference_output(model, "xty", feed).numpy()
     results = {}
-    with tempfile.TemporaryDirectory(prefix="ditexport-stress-") as tmp:
+    with scratch_dir(workdir, "stress") as tmp:
         for precision in ("fp16", "fp16-all"):
             path = export_onnx(model, Path(tmp) / f"stress.{precision}.onnx", precision=precision, opset=opset)
             session = load_session(emulated_copy(path, tmp), ["CPUExecutionProvider"])
@@ -508,6 +513,52 @@ def _finite_json(obj):
     return obj
 
 
+def report_differences(old: dict, new: dict, relative: float = 0.1) -> list[str]:
+    """Where a stored report disagrees with a re-run: the verdict, a check's verdict, or a number (relative
+    error, or a sample check's lowest PSNR) that moved by more than `relative` — re-runs on one machine agree
+    far more closely. Checks only one of the two ran (e.g. samples skipped) are not disagreements."""
+    differences = []
+    if old.get("passed") != new.get("passed"):
+        differences.append(f"it said {_verdict(old.get('passed'))}, this run says {_verdict(new.get('passed'))}")
+
+    def rows(report: dict) -> dict:
+        out = {}
+        for c in report.get("checks") or []:
+            if isinstance(c, dict):
+                out[f"{c.get('file')} batch {c.get('batch')}"] = (c.get("passed"), c.get("rel_err"))
+        for s in report.get("samples") or []:
+            if isinstance(s, dict):
+                try:
+                    low = min(float(v) for v in s.get("psnr_db") or [])
+                except (TypeError, ValueError):
+                    low = None
+                out[f"samples {s.get('file')} PSNR"] = (s.get("passed"), low)
+        return out
+
+    before, after = rows(old), rows(new)
+    for key in sorted(set(before) & set(after)):
+        (passed_a, a), (passed_b, b) = before[key], after[key]
+        if passed_a != passed_b:
+            differences.append(f"{key}: {_verdict(passed_a)} before, {_verdict(passed_b)} now")
+        elif _moved(a, b, relative):
+            differences.append(f"{key}: {a} before, {b} now")
+    return differences
+
+
+def _verdict(passed) -> str:
+    return "PASSED" if passed is True else "FAILED" if passed is False else "nothing"
+
+
+def _moved(a, b, relative: float) -> bool:
+    try:
+        a, b = float(a), float(b)
+    except (TypeError, ValueError):
+        return a != b
+    if a == b or (a != a and b != b):
+        return False
+    return abs(a - b) > relative * max(abs(a), abs(b))
+
+
 def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "", batches=DEFAULT_BATCHES,
                     sample_steps: int | None = None, sample_images: int | None = None, stress: bool = True,
                     opset: int | None = None, providers: list[str] | None = None, log=print) -> ValidationReport:
@@ -543,7 +594,7 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
     if stress:
         stage_start = time.perf_counter()
         with heartbeat(log, "validate: stress check"):
-            report.stress = stress_check(opset=opset)
+            report.stress = stress_check(opset=opset, workdir=export_dir)
         log(f"validate: stress check (all-fp16 must overflow, the mixed graph must not)  "
             f"{'ok' if report.stress['passed'] else 'FAILED'}  ({time.perf_counter() - stage_start:.1f} s)")
     if sample_steps != 0:
@@ -553,7 +604,7 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
         steps = sample_steps or (50 if digits else 5)
         n = sample_images or (model.config.num_classes if digits else 2)
         labels = [i % model.config.num_classes for i in range(n)]
-        with tempfile.TemporaryDirectory(prefix="ditexport-samples-") as tmp:
+        with scratch_dir(export_dir, "samples") as tmp:
             def make(path: Path, precision: str):
                 def backend():
                     run = emulated_copy(path, tmp) if needs_emulation(precision, providers) else path

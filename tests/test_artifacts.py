@@ -7,7 +7,8 @@ import pytest
 
 from ditexport.artifacts import (ArtifactError, atomic_path, atomic_write_json, default_export_dir,
                                  ensure_writable_dir, export_name, file_record, list_exports, onnx_filename,
-                                 read_manifest, verify_files, write_manifest)
+                                 read_manifest, write_manifest)
+from ditexport.verification import verify_files
 
 
 def test_layout_names():
@@ -16,7 +17,11 @@ def test_layout_names():
     assert export_name("DiT-XL/2") == "DiT-XL-2"
     assert export_name(None) == "digits"
     assert export_name("digits", checkpoint="/ckpts/DiT-XL-2-256x256.pt") == "DiT-XL-2-256x256"
-    assert str(default_export_dir("DiT-S/2", root="out")) == "out/DiT-S-2"
+    # Issue 14 item 6: a registry config's directory carries its pixel size (it was "out/DiT-S-2" for both).
+    assert str(default_export_dir("DiT-S/2", root="out")) == "out/DiT-S-2-256"
+    assert str(default_export_dir("DiT-S/2", root="out", image_size=512)) == "out/DiT-S-2-512"
+    assert str(default_export_dir("digits", root="out")) == "out/digits"
+    assert str(default_export_dir("DiT-S/2", "/ckpts/DiT-S-2-512x512.pt", root="out")) == "out/DiT-S-2-512x512"
 
 
 def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path):

@@ -108,7 +108,7 @@ def test_a_failing_backend_is_a_row_and_the_bench_goes_on(quick_run, workdir, tm
     import shutil
 
     export_dir = tmp_path / "export"
-    shutil.copytree(workdir / "exports" / "DiT-tiny-2", export_dir)
+    shutil.copytree(workdir / "exports" / "DiT-tiny-2-64", export_dir)
     fp16 = export_dir / "model.fp16.onnx"
     fp16.write_bytes(fp16.read_bytes()[: fp16.stat().st_size // 2])
     code = main(["bench", "--model", "DiT-tiny/2", "--quick", "--device", "cpu", "--batch-sizes", "2",
@@ -138,13 +138,13 @@ def test_bad_bench_options_are_one_line_errors(capsys, tmp_path):
 
 def test_bench_runs_the_export_that_build_makes_and_never_a_second_one(quick_run, workdir, capsys):
     _, out, printed = quick_run
-    export = workdir / "exports" / "DiT-tiny-2"
-    assert f"{Path('exports') / 'DiT-tiny-2'}: no complete export yet; building it" in printed
+    export = workdir / "exports" / "DiT-tiny-2-64"
+    assert f"{Path('exports') / 'DiT-tiny-2-64'}: no complete export yet; building it" in printed
     assert read_manifest(export)["validation"]["passed"] is True
     assert not list(out.rglob("*.onnx"))  # nothing exported into the bench's own output
     # It is build's export: build finds it up to date.
     assert main(["build", "--model", "DiT-tiny/2"]) == 0
-    assert f"{Path('exports') / 'DiT-tiny-2'}: up to date" in capsys.readouterr().out
+    assert f"{Path('exports') / 'DiT-tiny-2-64'}: up to date" in capsys.readouterr().out
     # An export of another model in the way is refused, not overwritten.
     code = main(["bench", "--model", "DiT-digits", "--quick", "--device", "cpu", "--batch-sizes", "2",
                  "--backends", "onnxruntime-fp32", "--export-dir", str(export), "--out", str(out)])

@@ -112,7 +112,10 @@ def test_sample_with_the_onnxruntime_backend(built, tmp_path, capsys):
     assert code == 2 and "build it first" in capsys.readouterr().err
     code = main(["sample", "--backend", "onnxruntime", "--model", "DiT-digits", "--export-dir", str(out),
                  "--quiet", "--out", str(png)])
-    assert code == 2 and "another model config" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "another model config" in err
+    # In words (issue 14, item 6), not raw JSON.
+    assert "DiT-tiny/2 at 64 px" in err and "DiT-digits at 8 px" in err and "{" not in err
 
 
 def test_onnxruntime_sessions_take_the_threads_of_the_flag(built, tmp_path, capsys, monkeypatch):

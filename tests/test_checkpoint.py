@@ -2,6 +2,7 @@
 import argparse
 import collections
 import json
+import re
 
 import pytest
 import torch
@@ -129,3 +130,48 @@ def test_load_model_names(tmp_path):
     assert model.config == get_config("DiT-S/8", image_size=256) and "random weights" in source
     with pytest.raises(CheckpointError, match="unknown model 'nonsense'"):
         load_model("nonsense")
+
+
+class RunsShell:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this must never run",))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_refusals_are_one_line_of_our_own_naming_the_global(tmp_path, capsys, protocol):
+    """A plain pickle (any protocol) or a torch zip whose pickle imports code: the global is named, torch's
+    advice to load with weights_only=False is not repeated."""
+    import pickle
+
+    path = tmp_path / f"plain{protocol}.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"w": torch.zeros(1), "payload": RunsShell()}, f, protocol=protocol)
+    zipped = tmp_path / "zipped.pt"
+    torch.save({"model": collections.OrderedDict(w=torch.zeros(1)), "payload": RunsShell()}, zipped)
+    for p in (path, zipped):
+        with pytest.raises(CheckpointError) as info:
+            read_state_dict(p)
+        message = str(info.value)
+        assert "\n" not in message and str(p) in message and "posix.system" in message
+        assert "weights_only" not in message and "file an issue" not in message.lower()
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_empty_truncated_noise_and_directory_checkpoints_say_what_they_are(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(create_model("DiT-tiny/2", seed=0).state_dict(), good)
+    cases = {
+        "empty.pt": (b"", "is empty (0 bytes)"),
+        "truncated.pt": (good.read_bytes()[: good.stat().st_size // 2], "is truncated"),
+        "noise.pt": (bytes(range(256)) * 4, "is not a PyTorch checkpoint or a safetensors file"),
+    }
+    for name, (data, expected) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=re.escape(expected)) as info:
+            read_state_dict(tmp_path / name)
+        assert "\n" not in str(info.value) and name in str(info.value)
+    (tmp_path / "dir.pt").mkdir()
+    with pytest.raises(CheckpointError, match="dir.pt is a directory"):
+        read_state_dict(tmp_path / "dir.pt")

@@ -108,17 +108,19 @@ def test_demo_app_script_forwards_to_the_demo_command():
 # ------------------------------------------------------------------------------------ an ONNX export
 
 @pytest.fixture(scope="module")
-def export_root(service, tmp_path_factory):
-    """An fp32 export (x, t, y graph and conditioning-vector graph) of the served digits model, no checkpoint."""
-    from ditexport.artifacts import file_record, write_manifest
-    from ditexport.export import export_graphs
+def export_root(digits_export, tmp_path_factory):
+    """A validated build of the served digits model, as if copied from another machine: the checkpoint its
+    manifest names is not here, so only its graphs can run it."""
+    import json
+    import shutil
 
     root = tmp_path_factory.mktemp("exports")
-    model = service.entry(BUILTIN_KEY).torch_model
-    (root / "digits").mkdir()
-    paths = export_graphs(model, root / "digits", precisions=("fp32",), log=lambda *_: None)
-    write_manifest(root / "digits", {"config": model.config.to_dict(),
-                                     "files": {p.name: file_record(p) for p in paths.values()}})
+    shutil.copytree(digits_export, root / "digits")
+    manifest_path = root / "digits" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["source"] = {"kind": "checkpoint", "model": None,
+                          "checkpoint": {"path": "/elsewhere/digits.pt", "sha256": "0" * 64}}
+    manifest_path.write_text(json.dumps(manifest))
     return root
 
 
@@ -155,13 +157,35 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server_exports(digits_export, tmp_path_factory):
+    """The demo server's export root: the digits export; a copy whose manifest records a failed validation
+    (what `build` writes when validation fails); and a copy with 64 bytes flipped in model.onnx."""
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("demo_server") / "exports"
+    for name in ("digits", "failed", "flipped"):
+        shutil.copytree(digits_export, root / name)
+    manifest_path = root / "failed" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["validation"]["passed"] = False
+    manifest_path.write_text(json.dumps(manifest))
+    graph = root / "flipped" / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    graph.write_bytes(bytes(data))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(server_exports):
     """`python -m ditexport demo` in a subprocess on a free port; stopped at the end of the module."""
-    tmp = tmp_path_factory.mktemp("demo_server")
+    tmp = server_exports.parent
     log_path = tmp / "server.log"
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "ditexport", "demo", "--port", str(port), "--exports", str(tmp / "exports"),
+    cmd = [sys.executable, "-m", "ditexport", "demo", "--port", str(port), "--exports", str(server_exports),
            "--max-steps", "300"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -171,7 +195,7 @@ def server(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the demo server did not come up:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{port}/", log_path
     finally:
         proc.terminate()
         try:
@@ -182,7 +206,7 @@ def server(tmp_path_factory):
 
 
 def test_server_listens_on_localhost_only(server):
-    port = int(server.rstrip("/").rsplit(":", 1)[1])
+    port = int(server[0].rstrip("/").rsplit(":", 1)[1])
     tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
     if not tables[0].exists():
         pytest.skip("needs Linux's /proc/net/tcp to read the listening address")
@@ -199,7 +223,7 @@ def test_server_listens_on_localhost_only(server):
 def test_gradio_client_gets_images_and_errors_do_not_stop_the_server(server, service, tmp_path):
     from gradio_client import Client
 
-    client = Client(server, verbose=False, download_files=str(tmp_path), analytics_enabled=False)
+    client = Client(server[0], verbose=False, download_files=str(tmp_path), analytics_enabled=False)
     request = dict(model=BUILTIN_KEY, backend="torch (fp32)", class_index=5, blend_class=NO_BLEND, blend_weight=0.5,
                    num_images=4, guidance=4.0, sampler="ddpm", steps=12, seed=11)
     gallery, summary = client.predict(**request, api_name="/generate")
@@ -220,6 +244,74 @@ def test_gradio_client_gets_images_and_errors_do_not_stop_the_server(server, ser
         client.predict(**{**request, "class_index": 42}, api_name="/generate")
     gallery, _ = client.predict(**{**request, "num_images": 2, "class_index": 1}, api_name="/generate")
     assert len(gallery) == 2 and all(Path(item["image"]).is_file() for item in gallery)
+
+
+def _gallery_pixels(gallery) -> list[np.ndarray]:
+    from PIL import Image
+
+    return [np.asarray(Image.open(item["image"]).convert("RGB")) for item in gallery]
+
+
+def test_the_documented_one_shot_api_call_works_for_every_backend_here(server, service, tmp_path):
+    """docs/demo.md's call, verbatim but for the model and backend: a fresh client (no page session whose
+    menus were filled for the first model) asks for an export on onnxruntime."""
+    from gradio_client import Client
+
+    documented = dict(blend_class=-1, blend_weight=0.5, num_images=8, guidance=4.0, sampler="ddpm", steps=250,
+                      seed=0)
+    for model, backend in (("exports/digits", "onnxruntime (fp32)"), ("exports/digits", "torch (fp32)"),
+                           (BUILTIN_KEY, "torch (fp32)")):
+        gallery, summary = Client(server[0], verbose=False, download_files=str(tmp_path)).predict(
+            model=model, backend=backend, class_index=3, **documented, api_name="/generate")
+        assert len(gallery) == 8 and f"**{backend.split()[0]}** (fp32)" in summary and f"model: {model}" in summary
+    # The export on ONNX Runtime draws what torch draws from the same seed (the images of the last call).
+    local = service.generate(GenerateRequest(class_index=3, **documented), progress=False).images
+    onnx = Client(server[0], verbose=False, download_files=str(tmp_path)).predict(
+        model="exports/digits", backend="onnxruntime (fp32)", class_index=3, **documented, api_name="/generate")[0]
+    for a, b in zip(_gallery_pixels(onnx), local):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_api_values_are_taken_as_advertised_and_fractions_refused(server, tmp_path):
+    from gradio_client import Client
+
+    client = Client(server[0], verbose=False, download_files=str(tmp_path))
+    advertised = {p["parameter_name"]: p["type"] for p in
+                  client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]}
+    assert advertised["class_index"]["type"] == "string"  # a string is what a client will send, then
+    request = dict(model=BUILTIN_KEY, backend="torch (fp32)", blend_class=-1, blend_weight=0.5, num_images=2,
+                   guidance=4.0, sampler="ddpm", steps=12, seed=5)
+    as_text = _gallery_pixels(client.predict(**request, class_index="3", api_name="/generate")[0])
+    as_int = _gallery_pixels(client.predict(**request, class_index=3, api_name="/generate")[0])
+    assert all(np.array_equal(a, b) for a, b in zip(as_text, as_int))
+    with pytest.raises(Exception, match="steps must be a whole number, got 2.5"):
+        client.predict(**{**request, "steps": 2.5}, class_index=3, api_name="/generate")
+
+
+def test_failed_and_damaged_exports_are_not_served_and_rejections_log_no_traceback(server, tmp_path):
+    from gradio_client import Client
+
+    client = Client(server[0], verbose=False, download_files=str(tmp_path))
+    menu = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
+    offered = next(p for p in menu if p["parameter_name"] == "model")["type"]["enum"]
+    assert "exports/digits" in offered and "exports/flipped" in offered and "exports/failed" not in offered
+    request = dict(backend="onnxruntime (fp32)", class_index=3, blend_class=-1, blend_weight=0.5, num_images=2,
+                   guidance=4.0, sampler="ddpm", steps=12, seed=5)
+    with pytest.raises(Exception, match="model.onnx does not match its SHA-256.*rebuild with: python -m ditexport "
+                                        "build --model digits --precision fp32 --export-dir .*flipped --force"):
+        client.predict(model="exports/flipped", **request, api_name="/generate")
+    with pytest.raises(Exception, match="unknown model 'exports/failed'"):
+        client.predict(model="exports/failed", **request, api_name="/generate")
+    bad = [dict(steps=5000), dict(class_index=42), dict(guidance=float("nan")), dict(sampler="euler"),
+           dict(seed=-1), dict(num_images=0.5), dict(blend_weight=2.0, blend_class=1), dict(backend="tensorrt (fp16)")]
+    for change in bad:
+        with pytest.raises(Exception):
+            client.predict(model="exports/digits", **{**request, **change}, api_name="/generate")
+    gallery, _ = client.predict(model="exports/digits", **request, api_name="/generate")  # still serving
+    assert len(gallery) == 2
+    log = server[1].read_text()
+    assert "not offering" in log and "failed" in log  # one warning line for the failed export
+    assert "Traceback" not in log, log[-3000:]
 
 
 # --------------------------------------------------------------------------------------- a real browser
@@ -247,7 +339,7 @@ def test_browser_generates_and_shows_images(server, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 860})
-            page.goto(server, wait_until="networkidle")
+            page.goto(server[0], wait_until="networkidle")
             if not screenshot_to:
                 page.get_by_label("Steps (1-300)").fill("25")
             page.get_by_role("button", name="Generate", exact=True).click()

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Where commands write when no output flag is given (sample's grid, train-digits' runs, build/bench exports).
 DEFAULT_OUTPUTS = ["samples.png", "runs/digits-20250101-120000/weights.safetensors",
-                   "exports/bench/bench-digits-cpu.json", "exports/DiT-S-2/model.onnx", "exports/digits/manifest.json"]
+                   "exports/bench/bench-digits-cpu.json", "exports/DiT-S-2-256/model.onnx", "exports/digits/manifest.json"]
 
 
 def documented_commands(path: Path) -> list[list[str]]:
