@@ -20,7 +20,7 @@ import torch
 
 from .backends.base import Backend
 from .class_names import class_label, class_names
-from .diffusion import SamplerConfig
+from .diffusion import SAMPLING_METHODS, SamplerConfig
 from .errors import DitexportError
 from .model import DIT_CONFIGS, DiT, DiTConfig
 from .pipeline import IdentityDecoder, Pipeline, SampleResult
@@ -260,8 +260,8 @@ class GenerateRequest:
     class_index: int = 0
     num_images: int = 8
     guidance: float = 4.0
-    sampler: str = "ddpm"
-    steps: int = 250
+    sampler: str = "dpmpp-2m"
+    steps: int = 10
     seed: int = 0
     blend_class: int = NO_BLEND
     blend_weight: float = 0.5
@@ -356,8 +356,8 @@ class DemoService:
         r = request
         self.limits.check(r.steps, r.num_images, r.guidance, r.seed, r.blend_weight)
         entry = self.entry(r.model)
-        if r.sampler not in ("ddpm", "ddim"):
-            raise DemoInputError(f"sampler must be 'ddpm' or 'ddim', got {r.sampler!r}")
+        if r.sampler not in SAMPLING_METHODS:
+            raise DemoInputError(f"sampler must be one of {', '.join(SAMPLING_METHODS)}, got {r.sampler!r}")
         n = entry.config.num_classes
         if not 0 <= r.class_index < n:
             raise DemoInputError(f"class must be in 0..{n - 1} for {r.model}, got {r.class_index}")
@@ -532,8 +532,8 @@ def build_app(service: DemoService):
                                               value=NO_BLEND, label="Blend with")
                     blend_weight = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Blend (0 = class, 1 = blend)")
                 with gr.Row():
-                    sampler = gr.Radio(["ddpm", "ddim"], value="ddpm", label="Sampler")
-                    steps = gr.Number(250, label=f"Steps (1-{limits.max_steps})")
+                    sampler = gr.Radio(list(SAMPLING_METHODS), value=GenerateRequest.sampler, label="Sampler")
+                    steps = gr.Number(GenerateRequest.steps, label=f"Steps (1-{limits.max_steps})")
                 with gr.Row():
                     guidance = gr.Slider(1.0, limits.max_guidance, value=4.0, step=0.25, label="Guidance scale")
                     num_images = gr.Number(8, label=f"Images (1-{limits.max_images})")

@@ -76,6 +76,7 @@ def test_quick_cpu_bench_writes_json_plot_and_ends_with_the_table(quick_run):
         assert (row["batch"], row["guided"]) in {(1, False), (2, True), (8, True)}
         assert row["images_per_forward"] == (row["batch"] // 2 if row["guided"] else row["batch"])
         assert row["images_per_s_50"] == pytest.approx(5 * row["images_per_s_250"])
+        assert row["images_per_s_dpmpp_2m_10"] == pytest.approx(25 * row["images_per_s_250"])
         assert row["pct_fp16_matmul_peak"] is None  # no GPU, no fp16 peak
         assert row["speedup_vs_torch_eager"] > 0
         if row["backend"] == "torch-eager":

@@ -333,7 +333,7 @@ def test_browser_generates_and_shows_images(server, tmp_path):
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
-    # DITEXPORT_DEMO_SCREENSHOT=docs/demo.png keeps the demo's defaults (250 steps) for the README picture.
+    # DITEXPORT_DEMO_SCREENSHOT=docs/demo.png keeps the demo's defaults (DPM-Solver++, 10 steps) for the README picture.
     screenshot_to = os.environ.get("DITEXPORT_DEMO_SCREENSHOT")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -358,5 +358,5 @@ def test_browser_generates_and_shows_images(server, tmp_path):
             browser.close()
     # The gallery may also render a preview of one image; the grid alone holds the 8 samples.
     assert len(shown) >= 8 and all(w == 128 for w in shown)
-    assert "torch" in summary and ("25 DDPM steps" in summary or screenshot_to)
+    assert "torch" in summary and ("25 DPMPP-2M steps" in summary or screenshot_to)
     assert (tmp_path / "demo.png").stat().st_size > 10_000
