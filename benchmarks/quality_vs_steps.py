@@ -53,14 +53,15 @@ def main(argv=None) -> int:
 
     from ditexport.artifacts import atomic_write_json
     from ditexport.backends import TorchBackend
-    from ditexport.checkpoint import load_model
+    from ditexport.source import ModelSource
     from ditexport.zoo.digits_eval import DigitsReference
     from ditexport.zoo.digits_sweep import sweep_quality
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    model, source = load_model(None, args.checkpoint, None)
+    resolved = ModelSource.resolve(None, args.checkpoint)
+    model, source = resolved.load(), resolved.describe()
     reference = DigitsReference()
     num_samples = 10 * args.num_per_class
     print(f"{source}; {num_samples} digits per run; seeds {seeds}; {torch.get_num_threads()} torch thread(s)")

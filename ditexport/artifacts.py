@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import locking
-from .checkpoint import sha256_file
+from .hashing import sha256_file
 from .errors import DitexportError
 
 EXPORTS_ROOT = Path("exports")

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from . import artifacts, locking, verification
 from .artifacts import ArtifactError, onnx_filename
-from .checkpoint import sha256_file
+from .hashing import sha256_file
 from .errors import DitexportError
 from .export import DEFAULT_MAX_BATCH_IMAGES, DEFAULT_OPSET, GRAPHS, PRECISIONS, BatchProfile, export_graphs, io_spec
 from .model import DiT, DiTConfig
 from .progress import heartbeat
+from .source import ModelSource
 
 
 def parse_precisions(text: str) -> tuple[str, ...]:
@@ -29,46 +30,6 @@ def parse_precisions(text: str) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------------------- sources
-
-def describe_source(model_name: str | None, checkpoint: str | Path | None, seed: int = 0) -> dict:
-    """Where the weights come from, with their SHA-256 where a file holds them."""
-    from .model import DIT_CONFIGS
-    from .zoo import BUILTIN_MODELS, builtin_weights
-
-    if checkpoint is not None:
-        path = Path(checkpoint).resolve()
-        return {"kind": "checkpoint", "model": None, "checkpoint": {"path": str(path), "sha256": sha256_file(path)}}
-    name = model_name or "digits"
-    if name in BUILTIN_MODELS:
-        return {"kind": "builtin", "model": name, "checkpoint": None,
-                "weights_sha256": sha256_file(builtin_weights(name))}
-    if name in DIT_CONFIGS:
-        return {"kind": "random", "model": name, "checkpoint": None, "seed": seed}
-    raise DitexportError(f"unknown model {name!r}")
-
-
-def load_reference(manifest: dict, rebuild: str | None = None) -> DiT:
-    """The torch model an export was built from, refusing weights that changed since."""
-    from .checkpoint import load_checkpoint
-    from .model import create_model
-    from .zoo import builtin_weights, load_builtin
-
-    source, config = manifest["source"], DiTConfig.from_dict(manifest["config"])
-    rebuild = rebuild or "python -m ditexport build " + " ".join(artifacts.manifest_flags(manifest)) + " --force"
-    if source["kind"] == "builtin":
-        if sha256_file(builtin_weights(source["model"])) != source["weights_sha256"]:
-            raise ArtifactError(f"the weights of built-in model {source['model']!r} changed since this export; "
-                                f"rebuild with: {rebuild}")
-        return load_builtin(source["model"])
-    if source["kind"] == "random":
-        return create_model(config, seed=source["seed"])
-    path, sha = source["checkpoint"]["path"], source["checkpoint"]["sha256"]
-    if not Path(path).is_file():
-        raise ArtifactError(f"the checkpoint this export came from is gone ({path}); validation needs it")
-    if sha256_file(path) != sha:
-        raise ArtifactError(f"{path} changed since this export (SHA-256 differs); rebuild with: {rebuild}")
-    return load_checkpoint(path, config)
-
 
 def check_source(manifest: dict, export_dir: Path, *, model: str | None = None, checkpoint: str | None = None,
                  config: str | None = None, image_size: int | None = None) -> None:
@@ -338,7 +299,7 @@ def revalidate(export_dir: str | Path, *, sample_steps: int | None = None, rebui
         problems = verification.verify_files(export_dir, manifest["files"])
         if problems:
             raise ArtifactError(f"{export_dir}: {'; '.join(problems)}; rebuild with: {rebuild}")
-        model = load_reference(manifest, rebuild)
+        model = ModelSource.from_manifest(manifest).load_recorded(manifest, rebuild)
         name = manifest.get("model") or Path((manifest["source"].get("checkpoint") or {}).get("path", "")).name
         from .validate import report_differences
 

@@ -6,7 +6,6 @@ shapes when the caller does not name one.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import warnings
@@ -21,14 +20,6 @@ from .model import DIT_CONFIGS, DiT, DiTConfig, get_config
 
 class CheckpointError(DitexportError, ValueError):
     """A checkpoint that cannot be read, or that does not fit the model."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -193,25 +184,3 @@ def load_checkpoint(path: str | Path, config: DiTConfig | str | None = None,
     check_state_dict(model, sd)
     model.load_state_dict(sd, strict=True)
     return model.eval()
-
-
-def load_model(model: str | None = None, checkpoint: str | Path | None = None, config: str | None = None,
-               image_size: int | None = None, seed: int = 0) -> tuple[DiT, str]:
-    """Resolves the CLI's model options to a DiT and a one-line description of where it came from.
-
-    `checkpoint` wins; otherwise `model` names a built-in model ("digits") or a registry config
-    ("DiT-S/2"), the latter with seeded random non-zero weights (for benchmarks and tests).
-    """
-    from .model import create_model
-    from .zoo import BUILTIN_MODELS, load_builtin
-
-    if checkpoint is not None:
-        return load_checkpoint(checkpoint, config, image_size), f"checkpoint {checkpoint}"
-    name = model or "digits"
-    if name in BUILTIN_MODELS:
-        return load_builtin(name), f"built-in model {name!r}"
-    if name in DIT_CONFIGS:
-        return create_model(get_config(name, image_size=image_size), seed=seed), \
-            f"{name} with random weights (seed {seed})"
-    raise CheckpointError(f"unknown model {name!r}; choose a built-in model ({', '.join(BUILTIN_MODELS)}), "
-                          f"a config ({', '.join(DIT_CONFIGS)}) with random weights, or pass --checkpoint")

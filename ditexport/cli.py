@@ -83,12 +83,14 @@ def set_threads(args, hidden_size: int | None) -> str:
 
 
 def load_cli_model(args):
-    """The model of the model flags, with a line every 10 s while a big one is built (DiT-XL/2: about 25 s)."""
-    from .checkpoint import load_model
+    """The model of the model flags and its `ModelSource`, with a line every 10 s while a big one is built
+    (DiT-XL/2: about 25 s)."""
     from .progress import heartbeat
+    from .source import ModelSource
 
+    source = ModelSource.resolve(args.model, args.checkpoint, args.config, args.image_size)
     with heartbeat(print, f"model: loading {args.checkpoint or args.model or 'digits'}"):
-        return load_model(args.model, args.checkpoint, args.config, args.image_size)
+        return source.load(), source
 
 
 SAMPLER_FLAGS = {"guidance_scale": "--cfg-scale", "eta": "--eta", "num_steps": "--steps"}
@@ -320,6 +322,7 @@ def cmd_sample(args) -> int:
     npz = check_output_file(args.npz, "--npz") if args.npz else None
     check_backend_available(args)
     model, source = load_cli_model(args)
+    source = source.describe()
     cfg = model.config
     labels = args.classes or [i % cfg.num_classes for i in range(args.num_images)]
     check_request(cfg, labels, args.seed, sampler_cfg)
@@ -419,11 +422,12 @@ def cmd_train_digits(args) -> int:
 def cmd_eval(args) -> int:
     from .artifacts import atomic_write_json
     from .backends import TorchBackend
-    from .checkpoint import load_model
+    from .source import ModelSource
     from .zoo.digits_eval import evaluate_digits
 
     device = resolve_device(args.device)  # before the model: a missing GPU is refused at once
-    model, source = load_model(args.model, args.checkpoint, args.config)
+    resolved = ModelSource.resolve(args.model, args.checkpoint, args.config)
+    model, source = resolved.load(), resolved.describe()
     threads = set_threads(args, model.config.hidden_size)
     backend = TorchBackend(model, device=device)
     unguided = "" if args.cfg_scale == 1 else " and without"
@@ -455,11 +459,13 @@ def bench_export(args, model) -> Path:
     """The export the bench's ONNX Runtime and TensorRT rows run: --export-dir, else the one `build` makes in
     exports/<name>, built there first when missing (never a second export of the same model)."""
     from .artifacts import default_export_dir
-    from .build import describe_source, ensure_export
+    from .build import ensure_export
+    from .source import ModelSource
 
     export_dir = args.export_dir or default_export_dir(args.model, args.checkpoint)
     name = args.model or (Path(args.checkpoint).name if args.checkpoint else "digits")
-    return ensure_export(model, describe_source(args.model, args.checkpoint), export_dir, model_name=name)[0]
+    source = ModelSource.resolve(args.model, args.checkpoint).to_manifest()
+    return ensure_export(model, source, export_dir, model_name=name)[0]
 
 
 def cmd_bench(args) -> int:
@@ -483,6 +489,7 @@ def cmd_bench(args) -> int:
     settings = BenchSettings.quick_settings(**options) if args.quick else BenchSettings(**options)
     resolve_device(args.device)  # before the model: --device cuda without a GPU is refused at once
     model, source = load_cli_model(args)
+    source = source.describe()
     threads = set_threads(args, model.config.hidden_size)
     print(f"bench: {source}; guided batches {list(settings.batch_sizes)}"
           f"{' and 1 unguided' if settings.unguided else ''}; {settings.warmup} warm-up + {settings.iters} "
@@ -541,13 +548,13 @@ def cmd_export_vae(args) -> int:
 
 def cmd_build(args) -> int:
     from .artifacts import rebuild_command
-    from .build import build_export, describe_source, parse_precisions
+    from .build import build_export, parse_precisions
 
     precisions = parse_precisions(args.precision)
     out = export_dir_of(args)
-    model, source_text = load_cli_model(args)
-    source = describe_source(args.model, args.checkpoint)
-    print(f"model: {source_text}; {set_threads(args, model.config.hidden_size)}")
+    model, resolved = load_cli_model(args)
+    source = resolved.to_manifest()
+    print(f"model: {resolved.describe()}; {set_threads(args, model.config.hidden_size)}")
     # Hints (and engine errors) quote the command that rebuilds this export: the user's flags, forced.
     flags = model_flags(args) or ["--model", "digits"]
     for flag, value, default in (("--precision", args.precision, "fp32,fp16"), ("--max-batch", args.max_batch, 8),

@@ -174,14 +174,13 @@ def _engine_plans(export_dir: Path) -> dict[str, Path]:
 
 def builtin_entry() -> ModelEntry:
     """The built-in digits model; with random weights (and a visible note) while its weights are missing."""
-    from .checkpoint import load_model
-    from .zoo import load_builtin
+    from .source import ModelSource
 
     try:
-        model, source = load_builtin("digits"), "built-in digits weights"
+        model, source = ModelSource.resolve("digits").load(), "built-in digits weights"
         note = ""
     except DitexportError as e:
-        model, source = load_model("DiT-digits", seed=0)
+        model, source = ModelSource.resolve("DiT-digits").load(), "DiT-digits with random weights (seed 0)"
         note = f"Random weights: {e}"
         log.warning("demo: %s", note)
     return ModelEntry(key=BUILTIN_KEY, config=model.config, source=source,
@@ -231,21 +230,13 @@ def _export_entry(export_dir: Path, manifest: dict) -> ModelEntry:
 def _export_torch_loader(manifest: dict) -> tuple[Callable[[], DiT] | None, str, str]:
     """A loader of the reference model an export came from, where its weights are still here; a description
     of the weights; and a note when there is no torch model (the graphs still run)."""
-    from .build import load_reference
+    from .source import ModelSource
 
-    source = manifest.get("source") or {}
-    kind = source.get("kind")
-    checkpoint = (source.get("checkpoint") or {}).get("path")
-    if kind == "builtin":
-        described = f"built-in {source.get('model')} weights"
-    elif kind == "random":
-        described = f"{source.get('model')} with random weights (seed {source.get('seed')})"
-    else:
-        described = f"checkpoint {checkpoint}" if checkpoint else "unrecorded weights"
-    if kind in ("builtin", "random") or (checkpoint and Path(checkpoint).is_file()):
-        # load_reference refuses weights whose SHA-256 changed since the export, with the rebuild command.
-        return (lambda: load_reference(manifest)), described, ""
-    return None, described, "the weights this export came from are not on this machine: no torch backend"
+    source = ModelSource.from_manifest(manifest)
+    if source.available():
+        # load_recorded refuses weights whose SHA-256 changed since the export, with the rebuild command.
+        return (lambda: source.load_recorded(manifest)), source.describe(), ""
+    return None, source.describe(), "the weights this export came from are not on this machine: no torch backend"
 
 
 #################################################################################

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .artifacts import atomic_path, atomic_write_json
-from .checkpoint import sha256_file
+from .hashing import sha256_file
 from .errors import DitexportError
 
 METADATA_FORMAT = 1

@@ -87,9 +87,9 @@ class _Subject:
 
 
 def _load(name: str):
-    from .checkpoint import load_model
+    from .source import ModelSource
 
-    model, _ = load_model(name, image_size=None if name == "digits" else 256)
+    model = ModelSource.resolve(name, image_size=None if name == "digits" else 256).load()
     return model.float().eval(), "small" if name == "digits" else "large"
 
 
@@ -114,9 +114,10 @@ def _subject(name: str, device: torch.device, out_dir: Path, level: int, log) ->
 
     def export() -> Path:
         # A validated export as `build` makes it, without the sample-level check (minutes for DiT-XL/2 on a CPU).
-        from .build import describe_source, ensure_export
+        from .build import ensure_export
+        from .source import ModelSource
 
-        return ensure_export(model, describe_source(name, None), out_dir / slug, model_name=name, sample_steps=0,
+        return ensure_export(model, ModelSource.resolve(name).to_manifest(), out_dir / slug, model_name=name, sample_steps=0,
                              log=lambda m: log(f"  {m.strip()}"))[0]
 
     context = BenchContext(model, device, settings, max(TIMED_BATCHES), out_dir / f"{slug}-bench-engine",

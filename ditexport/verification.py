@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .artifacts import (MANIFEST_NAME, REPORT_NAME, ArtifactError, ExportEntry, atomic_write_json, manifest_flags,
                         read_manifest, rebuild_command)
-from .checkpoint import sha256_file
+from .hashing import sha256_file
 
 # A file changed less than this long before it was hashed may change again within the same timestamp tick
 # unseen, so its hash is not remembered ("racily clean", as git calls it).

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ditexport.checkpoint import CheckpointError, infer_config, load_checkpoint, load_model, read_state_dict
+from ditexport.checkpoint import CheckpointError, infer_config, load_checkpoint, read_state_dict
+from ditexport.source import ModelSource
 from ditexport.model import create_model, get_config
 
 
@@ -126,10 +127,11 @@ def test_bad_files(tmp_path):
 
 
 def test_load_model_names(tmp_path):
-    model, source = load_model("DiT-S/8", image_size=256)
-    assert model.config == get_config("DiT-S/8", image_size=256) and "random weights" in source
+    source = ModelSource.resolve("DiT-S/8", image_size=256)
+    model = source.load()
+    assert model.config == get_config("DiT-S/8", image_size=256) and "random weights" in source.describe()
     with pytest.raises(CheckpointError, match="unknown model 'nonsense'"):
-        load_model("nonsense")
+        ModelSource.resolve("nonsense")
 
 
 class RunsShell:

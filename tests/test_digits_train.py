@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ditexport import cli
-from ditexport.checkpoint import load_checkpoint, read_state_dict, sha256_file
+from ditexport.checkpoint import load_checkpoint, read_state_dict
+from ditexport.hashing import sha256_file
 from ditexport.zoo import builtin_weights, load_builtin
 from ditexport.zoo.digits_data import load_digits_tensors
 from ditexport.zoo.digits_eval import LEARNED_AGREEMENT, quick_class_agreement

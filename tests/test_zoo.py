@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from ditexport import cli
 from ditexport.backends import TorchBackend
-from ditexport.checkpoint import load_model
+from ditexport.source import ModelSource
 from ditexport.diffusion import SamplerConfig
 from ditexport.errors import DitexportError
 from ditexport.model import DiT, get_config
@@ -42,8 +42,9 @@ def test_shipped_weights_load_strictly_and_are_trained():
 
 
 def test_load_model_defaults_to_the_builtin_digits():
-    model, source = load_model()
-    assert source == "built-in model 'digits'"
+    source = ModelSource.resolve()
+    model = source.load()
+    assert source.describe() == "built-in model 'digits'"
     assert torch.equal(model.final_layer.linear.weight, load_builtin("digits").final_layer.linear.weight)
 
 
