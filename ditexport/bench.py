@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from .backends.base import resolve_device, synchronize
-from .errors import DitexportError
+from .errors import DitexportError, UsageError
 from .model import DiT, DiTConfig
 
 BENCH_BACKENDS = ("torch-eager", "torch-cuda-graph", "torch-compile", "onnxruntime-fp32", "onnxruntime-fp16",
@@ -346,12 +346,13 @@ def run_bench(model: DiT, source: str, settings: BenchSettings, log=print,
     """
     for b in settings.batch_sizes:
         if b < 2 or b % 2:
-            raise ValueError(f"guided batch sizes are even and at least 2 (2 rows per image), got {b}")
+            raise UsageError(f"guided batch sizes are even and at least 2 (2 rows per image), got {b}")
     cfg = model.config
     device = resolve_device(settings.device)
     rows = _rows(settings)
     if any(guided for _, guided in rows) and not cfg.has_null_class:
-        raise ValueError("this model has no null class, so it cannot be guided; use --batch-sizes '' --unguided")
+        raise UsageError("this model has no null class, so it cannot be guided; measure only its unguided "
+                         "batch-1 row with --batch-sizes ''")
     requested = settings.backends or BENCH_BACKENDS
     unknown = [b for b in requested if b not in BENCH_BACKENDS]
     if unknown:
@@ -395,7 +396,7 @@ def run_bench(model: DiT, source: str, settings: BenchSettings, log=print,
 
 def _run_isolated(name: str, rows, ctx: BenchContext, report: dict, log) -> None:
     """One backend, made and measured; a failure anywhere is its row's error, and the bench goes on."""
-    from .engine import one_line
+    from .errors import summary
 
     backend = None
     try:
@@ -405,8 +406,8 @@ def _run_isolated(name: str, rows, ctx: BenchContext, report: dict, log) -> None
         log(f"  skipped — {e}")
         report["skipped"].append({"backend": name, "reason": str(e)})
     except Exception as e:  # isolation is the point: any failure of one runtime must not end the bench
-        log(f"  FAILED — {one_line(e)}")
-        report["failed"].append({"backend": name, "error": one_line(e)})
+        log(f"  FAILED — {summary(e)}")
+        report["failed"].append({"backend": name, "error": summary(e)})
     finally:
         if backend is not None:
             backend.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .errors import UsageError
 from .backends.base import Backend
 from .model import DiT, DiTConfig, LabelEmbedder, TimestepEmbedder
 
@@ -80,10 +81,10 @@ class BlendedConditionBackend(Backend):
 
     def __init__(self, inner: Backend, embedder, second_class: int, weight: float):
         if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"the blend weight must be between 0 and 1, got {weight}")
+            raise UsageError(f"the blend weight must be between 0 and 1, got {weight}")
         num_classes = inner.config.num_classes
         if not 0 <= second_class < num_classes:
-            raise ValueError(f"the class to blend with must be in 0..{num_classes - 1}, got {second_class}")
+            raise UsageError(f"the class to blend with must be in 0..{num_classes - 1}, got {second_class}")
         super().__init__(inner.config, inner.device, inner.dtype, max_batch=None)  # inner splits batches
         self.inner = inner
         self.embedder = embedder

@@ -7,11 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import DitexportError
+from .errors import DitexportError, one_line
 
-# Errors that are the user's to fix, or the file system's (full, read-only, missing): printed as one line,
-# exit code 2. DITEXPORT_DEBUG=1 shows tracebacks.
-USER_ERRORS = (DitexportError, ValueError, OSError)
+# Errors that are the user's to fix, or the file system's (full, read-only, missing: any write can meet them):
+# printed as one line, exit code 2. Anything else is a bug and shows its traceback. DITEXPORT_DEBUG=1 shows
+# tracebacks for these too.
+USER_ERRORS = (DitexportError, OSError)
 
 
 class Labels(list):
@@ -765,14 +766,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="refuse instead of waiting while a build writes the export")
     p.set_defaults(func=cmd_validate)
     return parser
-
-
-def one_line(error: BaseException) -> str:
-    """An error as one line: OSErrors name their path and cause ("cannot write x.png: Read-only file system")."""
-    if isinstance(error, OSError) and not isinstance(error, DitexportError) and error.strerror:
-        paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
-        return f"{paths}: {error.strerror}" if paths else error.strerror
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

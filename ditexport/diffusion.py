@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import UsageError
+
 #################################################################################
 #                          Schedules and respacing                              #
 #################################################################################
@@ -33,7 +35,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[
             for i in range(1, num_timesteps):
                 if len(range(0, num_timesteps, i)) == desired_count:
                     return set(range(0, num_timesteps, i))
-            raise ValueError(f"cannot create exactly {desired_count} steps with an integer stride over {num_timesteps}")
+            raise UsageError(f"cannot create exactly {desired_count} steps with an integer stride over {num_timesteps}")
         section_counts = [int(x) for x in section_counts.split(",")]
     size_per = num_timesteps // len(section_counts)
     extra = num_timesteps % len(section_counts)
@@ -42,7 +44,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[
     for i, section_count in enumerate(section_counts):
         size = size_per + (1 if i < extra else 0)
         if size < section_count:
-            raise ValueError(f"cannot divide section of {size} steps into {section_count}")
+            raise UsageError(f"cannot divide section of {size} steps into {section_count}")
         frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
         cur_idx = 0.0
         for _ in range(section_count):
@@ -282,7 +284,7 @@ class SamplerConfig:
                 raise SamplerConfigError(name, f"{name} must be a finite number, got {value!r}")
 
 
-class SamplerConfigError(ValueError):
+class SamplerConfigError(UsageError):
     """A sampler setting that cannot be sampled with; `field` names the SamplerConfig field."""
 
     def __init__(self, field: str, message: str):
@@ -300,17 +302,17 @@ class Sampler:
     def __init__(self, cfg: SamplerConfig, in_channels: int, num_classes: int, learn_sigma: bool = True,
                  sigma_small: bool = False, diffusion_steps: int = 1000):
         if cfg.method not in SAMPLING_METHODS:
-            raise ValueError(f"unknown sampling method {cfg.method!r}; use {', '.join(map(repr, SAMPLING_METHODS))}")
+            raise UsageError(f"unknown sampling method {cfg.method!r}; use {', '.join(map(repr, SAMPLING_METHODS))}")
         if cfg.num_steps < 1 or cfg.num_steps > diffusion_steps:
-            raise ValueError(f"steps must be between 1 and {diffusion_steps}, got {cfg.num_steps}")
+            raise UsageError(f"steps must be between 1 and {diffusion_steps}, got {cfg.num_steps}")
         self.cfg = cfg
         self.in_channels = in_channels
         self.null_class = num_classes
         if cfg.method == "dpmpp-2m":
             if cfg.respacing:
-                raise ValueError("respacing applies to ddpm and ddim; dpmpp-2m spaces its steps linearly")
+                raise UsageError("respacing applies to ddpm and ddim; dpmpp-2m spaces its steps linearly")
             if cfg.num_steps >= diffusion_steps:  # the rounded linear spacing would repeat a timestep
-                raise ValueError(f"dpmpp-2m takes at most {diffusion_steps - 1} steps, got {cfg.num_steps}")
+                raise UsageError(f"dpmpp-2m takes at most {diffusion_steps - 1} steps, got {cfg.num_steps}")
             # The solver reads alpha-bar at its own timesteps off the full schedule.
             self.diffusion = create_diffusion("", learn_sigma, sigma_small, diffusion_steps)
             self.timesteps = dpm_solver_timesteps(cfg.num_steps, diffusion_steps)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .artifacts import atomic_path, atomic_write_json
 from .hashing import sha256_file
-from .errors import DitexportError
+from .errors import DitexportError, UsageError, summary
 
 METADATA_FORMAT = 1
 REBUILD_COMMAND = "python -m ditexport build --force"
@@ -72,12 +72,6 @@ def tensorrt_unavailable_reason(for_build: bool = True) -> str | None:
     return "; ".join(reasons) or None
 
 
-def one_line(error: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
 # ---------------------------------------------------------------------------------------- profile
 
 def engine_profile(max_batch_images: int, guided: bool = True,
@@ -98,7 +92,7 @@ def batch_profiles(opt_batches) -> list[tuple[int, int, int]]:
     up to its own, which is its opt (and max), so every batch from 1 up runs on kernels chosen near its size."""
     batches = sorted(set(int(b) for b in opt_batches))
     if not batches or batches[0] < 1:
-        raise ValueError(f"profile batches must be at least 1, got {list(opt_batches)}")
+        raise UsageError(f"profile batches must be at least 1, got {list(opt_batches)}")
     lows = [1] + [b + 1 for b in batches[:-1]]
     return [(lo, b, b) for lo, b in zip(lows, batches)]
 
@@ -150,7 +144,7 @@ def profile_shapes(input_shapes: dict[str, list[int | str]], min_batch: int, opt
                    max_batch: int) -> dict[str, dict[str, list[int]]]:
     """The optimisation profile: every input's min/opt/max shape, the batch axis (0) being the only dynamic one."""
     if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise ValueError(f"an engine profile needs 1 <= min <= opt <= max, got {min_batch}, {opt_batch}, {max_batch}")
+        raise UsageError(f"an engine profile needs 1 <= min <= opt <= max, got {min_batch}, {opt_batch}, {max_batch}")
     profile = {}
     for name, shape in input_shapes.items():
         if not shape:
@@ -411,7 +405,7 @@ def plan_bytes_from_onnx(onnx_path: Path, profiles: list[dict], builder_optimiza
         network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
         return bytes(EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache_path))())
     except Exception as e:  # PolygraphyException for parser and builder failures; anything from a broken install
-        raise EngineError(f"TensorRT could not build {onnx_path}: {one_line(e)}") from None
+        raise EngineError(f"TensorRT could not build {onnx_path}: {summary(e)}") from None
 
 
 def compare_with_onnxruntime(onnx_path: str | Path, plan_path: str | Path, feeds: list[dict],
@@ -437,7 +431,7 @@ def compare_with_onnxruntime(onnx_path: str | Path, plan_path: str | Path, feeds
         ort_outputs, trt_outputs = results[ort_runner.name], results[trt_runner.name]  # one dict per iteration
     except Exception as e:
         raise EngineError(f"Polygraphy could not compare {Path(plan_path).name} with ONNX Runtime: "
-                          f"{one_line(e)}") from None
+                          f"{summary(e)}") from None
     rows = []
     for i, (expected, got) in enumerate(zip(ort_outputs, trt_outputs)):
         for name in expected.keys():
@@ -472,7 +466,7 @@ def load_engine(plan_path: str | Path, *, verify: bool = True, onnx_path: str | 
             runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
             engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
         except Exception as e:  # the bindings raise for some broken plans instead of returning None
-            raise EngineError(f"TensorRT could not deserialise {plan_path}: {one_line(e)}; rebuild it with: "
+            raise EngineError(f"TensorRT could not deserialise {plan_path}: {summary(e)}; rebuild it with: "
                               f"{meta.get('rebuild_command') or REBUILD_COMMAND}") from None
     if engine is None:
         raise EngineError(f"TensorRT could not deserialise {plan_path} (see its log above); rebuild it with: "

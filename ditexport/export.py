@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .artifacts import onnx_filename, publish, scratch_dir
-from .errors import DitexportError
+from .errors import DitexportError, UsageError
 from .model import DiT, DiTConfig
 
 GRAPHS = ("xty", "cond")
@@ -77,10 +77,10 @@ class BatchProfile:
                    opt_images: int | None = None) -> "BatchProfile":
         """min 1; opt defaults to max, since the large batches are where the time goes."""
         if max_images < 1:
-            raise ValueError(f"the engine's max batch must be at least 1 image, got {max_images}")
+            raise UsageError(f"the engine's max batch must be at least 1 image, got {max_images}")
         opt_images = max_images if opt_images is None else opt_images
         if not 1 <= opt_images <= max_images:
-            raise ValueError(f"the engine's opt batch must be between 1 and {max_images} images, got {opt_images}")
+            raise UsageError(f"the engine's opt batch must be between 1 and {max_images} images, got {opt_images}")
         rows_per_image = 2 if guided else 1
         return cls(min=1, opt=rows_per_image * opt_images, max=rows_per_image * max_images)
 

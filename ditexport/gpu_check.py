@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .backends.base import synchronize
-from .engine import one_line
+from .errors import summary
 from .errors import DitexportError
 from .export import TOLERANCE
 
@@ -209,7 +209,7 @@ def check_row(subject: _Subject, path: str, device: torch.device, deadline: floa
     except Skip as e:
         row.skipped = str(e)
     except Exception as e:  # a failing path is a row, never the end of the check
-        row.error = one_line(e)
+        row.error = summary(e)
     finally:
         if backend is not None:
             backend.close()
@@ -233,7 +233,7 @@ def run_rows(device: torch.device | str = "cuda", *, models=MODELS, paths=PATHS,
         try:
             subject = _subject(name, device, Path(out_dir), builder_optimization_level, log)
         except Exception as e:  # e.g. out of memory for the fp32 reference: the model's rows say so
-            rows += [CheckRow(name, path, error=f"the model could not be set up: {one_line(e)}") for path in paths]
+            rows += [CheckRow(name, path, error=f"the model could not be set up: {summary(e)}") for path in paths]
             continue
         for path in paths:
             row = check_row(subject, path, device, deadline, sample_steps)

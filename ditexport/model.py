@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import UsageError
+
 
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -75,11 +77,11 @@ DIT_CONFIGS["DiT-digits"] = DiTConfig(input_size=8, in_channels=1, hidden_size=1
 def get_config(name: str, image_size: int | None = None, **overrides) -> DiTConfig:
     """Look up a config by its official name; `image_size` (256 or 512) sets the latent side to size/8."""
     if name not in DIT_CONFIGS:
-        raise ValueError(f"unknown model config {name!r}; choose one of: {', '.join(DIT_CONFIGS)}")
+        raise UsageError(f"unknown model config {name!r}; choose one of: {', '.join(DIT_CONFIGS)}")
     cfg = DIT_CONFIGS[name]
     if image_size is not None:
         if image_size % 8:
-            raise ValueError(f"image size must be a multiple of 8, got {image_size}")
+            raise UsageError(f"image size must be a multiple of 8, got {image_size}")
         overrides["input_size"] = image_size // 8
     return replace(cfg, **overrides)
 

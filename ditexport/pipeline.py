@@ -9,6 +9,7 @@ from typing import Iterator
 
 import torch
 
+from .errors import DitexportError, UsageError
 from .backends.base import Backend, synchronize
 from .diffusion import Sampler, SamplerConfig
 
@@ -21,7 +22,7 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 def check_seed(seed: int) -> None:
     if not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise ValueError(f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed!r}")
+        raise UsageError(f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed!r}")
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -51,7 +52,7 @@ class VaeDecoder:
         try:
             from diffusers import AutoencoderKL
         except ImportError:
-            raise RuntimeError("the VAE decoder needs diffusers: pip install 'ditexport[vae]'") from None
+            raise DitexportError("the VAE decoder needs diffusers: pip install 'ditexport[vae]'") from None
         if not Path(path).is_dir():
             raise FileNotFoundError(f"VAE directory not found: {path}")
         self.vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True).to(device=device, dtype=dtype)
@@ -86,13 +87,13 @@ class SampleResult:
 def check_request(config, labels: list[int], seed: int, sampler_cfg: SamplerConfig) -> None:
     """Refuses a request before any work: labels, seed and guidance this model cannot take."""
     if not labels:
-        raise ValueError("no class labels to sample")
+        raise UsageError("no class labels to sample")
     bad = [y for y in labels if not 0 <= int(y) < config.num_classes]
     if bad:
-        raise ValueError(f"class labels must be in 0..{config.num_classes - 1}, got {bad}")
+        raise UsageError(f"class labels must be in 0..{config.num_classes - 1}, got {bad}")
     check_seed(seed)
     if sampler_cfg.guidance_scale != 1.0 and not config.has_null_class:
-        raise ValueError("this model was trained without class dropout, so it cannot be guided; use --cfg-scale 1")
+        raise UsageError("this model was trained without class dropout, so it cannot be guided; use --cfg-scale 1")
     Sampler(sampler_cfg, config.in_channels, config.num_classes, config.learn_sigma)  # steps, method
 
 

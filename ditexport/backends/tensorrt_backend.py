@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ..engine import EngineError, load_engine, one_line, plan_precision, profile_for_batch, tensorrt_unavailable_reason
+from ..errors import UsageError, summary
+from ..engine import EngineError, load_engine, plan_precision, profile_for_batch, tensorrt_unavailable_reason
 from ..model import DiTConfig
 from .base import Backend
 from .cuda_graphs import CapturedForward, fresh_float32, run_ordered
@@ -172,7 +173,7 @@ class TensorRTBackend(Backend):
             raise EngineError(f"the tensorrt backend is unavailable: {reason}")
         device = torch.device(device)
         if device.type != "cuda":
-            raise ValueError(f"the tensorrt backend runs on a CUDA device, not {device}")
+            raise UsageError(f"the tensorrt backend runs on a CUDA device, not {device}")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self._xty = self._runner(Path(plan_path), XTY_INPUTS, device, cuda_graph, verify)
@@ -197,7 +198,7 @@ class TensorRTBackend(Backend):
         except EngineError:
             raise
         except Exception as e:
-            raise EngineError(f"TensorRT could not load {plan.name} on {device}: {one_line(e)}") from None
+            raise EngineError(f"TensorRT could not load {plan.name} on {device}: {summary(e)}") from None
 
     def _check_shapes(self, config: DiTConfig) -> None:
         """Fails early, naming the plan, when an engine was built for another model config."""

@@ -5,6 +5,7 @@ import threading
 
 import torch
 
+from ..errors import UsageError
 from ..model import DiT
 from .base import Backend, device_scope
 from .cuda_graphs import GraphCache, fresh_float32, run_ordered
@@ -27,12 +28,12 @@ class TorchBackend(Backend):
                  max_batch: int | None = None, *, cuda_graph: bool = False, compile_mode: str | None = None):
         device = torch.device(device)
         if cuda_graph and device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device; use the eager torch backend on the CPU")
+            raise UsageError("CUDA graphs need a CUDA device; use the eager torch backend on the CPU")
         if cuda_graph and compile_mode:
-            raise ValueError("choose CUDA graphs or torch.compile, not both ('reduce-overhead' compiles into "
+            raise UsageError("choose CUDA graphs or torch.compile, not both ('reduce-overhead' compiles into "
                              "CUDA graphs itself)")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
-            raise ValueError(f"unknown torch.compile mode {compile_mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
+            raise UsageError(f"unknown torch.compile mode {compile_mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         super().__init__(model.config, device, dtype, max_batch)

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ..errors import UsageError
+
 REFERENCE_SEED = 0  # the split and classifier are fixed, so every evaluation uses the same yardstick
 
 
@@ -137,7 +139,7 @@ def evaluate_digits(backend, num_per_class: int = 100, num_steps: int = 250, gui
 
     cfg = backend.config
     if (cfg.in_channels, cfg.input_size, cfg.num_classes) != (1, 8, 10):
-        raise ValueError(f"the digits evaluation needs a 10-class model of 1x8x8 images, got "
+        raise UsageError(f"the digits evaluation needs a 10-class model of 1x8x8 images, got "
                          f"{cfg.num_classes} classes of {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}")
     reference = reference or DigitsReference()
     labels = [c for c in range(10) for _ in range(num_per_class)]
