@@ -135,3 +135,24 @@ def test_a_missing_gpu_is_refused_before_the_model_is_built(command, dit_constru
     assert main([*command, *model, "--out" if command[0] != "eval" else "--json", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == "error: --device cuda was asked for, but torch sees no CUDA device\n"
     assert dit_constructions == []
+
+
+def test_only_user_errors_are_one_line_an_internal_error_keeps_its_traceback(monkeypatch, capsys):
+    """The CLI catches DitexportError (and the file system's OSError), never a bug's ValueError."""
+    from ditexport.cli import parser
+    from ditexport.errors import UsageError
+
+    def fails_with(error):
+        def command(args):
+            raise error
+        return command
+
+    monkeypatch.setattr(parser, "cmd_info", fails_with(UsageError("steps must be between 1 and 1000, got 0")))
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err == "error: steps must be between 1 and 1000, got 0\n"
+    monkeypatch.setattr(parser, "cmd_info", fails_with(ValueError("an internal invariant broke")))
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        main(["info"])
+    monkeypatch.setattr(parser, "cmd_info", fails_with(RuntimeError("diffusers missing")))
+    with pytest.raises(RuntimeError):
+        main(["info"])

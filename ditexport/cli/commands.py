@@ -1,0 +1,186 @@
+"""`build`, `validate`, `bench`, `gpu-check`, `demo`, `train-digits` and `export-vae`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DitexportError
+from .options import export_dir_of, load_cli_model, model_flags, rebuild_hint, resolve_device, set_threads
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+def cmd_demo(args) -> int:
+    from ..demo_app import DemoLimits, launch
+
+    limits = DemoLimits(max_steps=args.max_steps, max_images=args.max_images, max_guidance=args.max_guidance)
+    launch(host=args.host, port=args.port, share=args.share, exports_root=args.exports,
+           device=str(resolve_device(args.device)),
+           limits=limits, concurrency=args.concurrency, vae=args.vae, torch_threads=args.torch_threads)
+    return 0
+
+
+# --------------------------------------------------------------------------------------- train-digits
+
+def train_digits_out(args) -> Path:
+    """--out, else a new runs/digits-<time>; the shipped weights only with --overwrite-builtin."""
+    from ..zoo.digits_train import BUILTIN_DIR, is_builtin_dir, new_run_dir
+
+    if args.overwrite_builtin:
+        if args.out and not is_builtin_dir(args.out):
+            raise DitexportError(f"--overwrite-builtin writes {BUILTIN_DIR}; drop it, or drop --out {args.out}")
+        return BUILTIN_DIR
+    if args.out and is_builtin_dir(args.out):
+        raise DitexportError(f"{args.out} holds the shipped digits weights; pass --overwrite-builtin to replace them")
+    return Path(args.out) if args.out else new_run_dir()
+
+
+def cmd_train_digits(args) -> int:
+    from ..model import get_config
+    from ..zoo.digits_eval import LEARNED_AGREEMENT, QUICK_PER_CLASS, QUICK_STEPS, quick_class_agreement
+    from ..zoo.digits_train import DigitsTrainConfig, save_weights, train_digits, training_summary
+
+    cfg = DigitsTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                            **({"lr": args.lr} if args.lr is not None else {}))
+    out = train_digits_out(args)
+    threads = set_threads(args, get_config(cfg.model).hidden_size)
+    print(f"training {cfg.model} on scikit-learn's digits: {cfg.steps} steps, batch {cfg.batch_size}, "
+          f"lr {cfg.lr}, EMA {cfg.ema_decay}, seed {cfg.seed}, {threads}; into {out}")
+    result = train_digits(cfg, progress=not args.quiet)
+    summary = training_summary(result)
+    agreement = quick_class_agreement(result.ema)
+    summary["quick_class_agreement"] = agreement
+    path = save_weights(result.ema, out, summary)
+    print(f"trained in {result.seconds:.1f} s; mean loss of the last {summary['final_loss_steps']} steps "
+          f"{summary['final_loss_mean']}")
+    print(f"check: {100 * agreement:.0f} % of {10 * QUICK_PER_CLASS} guided samples ({QUICK_PER_CLASS} per class, "
+          f"{QUICK_STEPS} steps) read as the requested digit (chance: 10 %)")
+    if agreement < LEARNED_AGREEMENT:
+        print(f"warning: {cfg.steps} steps were too short to learn the digits (a trained model scores above "
+              f"{100 * LEARNED_AGREEMENT:.0f} % here; the default recipe trains {DigitsTrainConfig().steps} steps)")
+    print(f"wrote {path} (EMA weights) and {path.with_name('config.json')}")
+    return 0
+
+
+def bench_export(args, model) -> Path:
+    """The export the bench's ONNX Runtime and TensorRT rows run: --export-dir, else the one `build` makes in
+    exports/<name>, built there first when missing (never a second export of the same model)."""
+    from ..artifacts import default_export_dir
+    from ..build import ensure_export
+    from ..source import ModelSource
+
+    export_dir = args.export_dir or default_export_dir(args.model, args.checkpoint)
+    name = args.model or (Path(args.checkpoint).name if args.checkpoint else "digits")
+    source = ModelSource.resolve(args.model, args.checkpoint).to_manifest()
+    return ensure_export(model, source, export_dir, model_name=name)[0]
+
+
+def cmd_bench(args) -> int:
+    from ..bench import BENCH_BACKENDS, BenchSettings, format_table, run_bench, stability_warning, write_outputs
+
+    backends = None
+    if args.backends:
+        backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+        unknown = [b for b in backends if b not in BENCH_BACKENDS]
+        if unknown:
+            raise DitexportError(f"unknown bench backend(s) {', '.join(unknown)}; choose from "
+                                 f"{', '.join(BENCH_BACKENDS)}")
+    options = dict(device=args.device, backends=backends, compile_mode=args.compile_mode, out_dir=args.out,
+                   export_dir=args.export_dir, unguided=not args.no_unguided,
+                   builder_optimization_level=args.builder_optimization_level)
+    if args.batch_sizes is not None:
+        options["batch_sizes"] = args.batch_sizes
+    for name in ("warmup", "iters", "sample_steps"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    settings = BenchSettings.quick_settings(**options) if args.quick else BenchSettings(**options)
+    resolve_device(args.device)  # before the model: --device cuda without a GPU is refused at once
+    model, source = load_cli_model(args)
+    source = source.describe()
+    threads = set_threads(args, model.config.hidden_size)
+    print(f"bench: {source}; guided batches {list(settings.batch_sizes)}"
+          f"{' and 1 unguided' if settings.unguided else ''}; {settings.warmup} warm-up + {settings.iters} "
+          f"timed calls each{' (quick)' if settings.quick else ''}; {threads}")
+    report = run_bench(model, source, settings, export=lambda: bench_export(args, model))
+    from ..artifacts import export_name
+
+    stem = f"bench-{export_name(args.model, args.checkpoint)}-{report['machine']['device']}"
+    json_path, png_path, plot_note = write_outputs(report, args.out, stem)
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else f" (plot skipped: {plot_note})"))
+    for item in report["skipped"]:
+        print(f"skipped {item['backend']}: {item['reason']}")
+    if report["end_to_end"]:
+        print("one guided image end to end (measured vs derived from the per-forward times):")
+        for e in report["end_to_end"]:
+            derived = f"{e['derived_s']:.3f} s" if e["derived_s"] is not None else "-"
+            print(f"  {e['backend']:<18} {e['steps']} steps: {e['measured_s']:.3f} s measured, {derived} derived")
+    where = report["machine"]["gpu"] or f"CPU ({report['machine']['cpu_threads']} torch threads)"
+    peak = report["matmul_fp16_tflops"]
+    if warning := stability_warning(report):
+        print(f"\n{warning}")
+    print(f"\n{source} on {where}" + (f"; fp16 matmul {peak:.0f} TFLOP/s measured" if peak else ""))
+    print(format_table(report))  # the table comes last
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ gpu-check
+
+def cmd_gpu_check(args) -> int:
+    from ..gpu_check import gpu_check
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    return gpu_check(args.out, models=models, budget_s=args.budget,
+                     builder_optimization_level=args.builder_optimization_level)
+
+
+# ------------------------------------------------------------------------------------------ export-vae
+
+def cmd_export_vae(args) -> int:
+    from ..vae import export_vae, load_vae, vae_scale_factor
+
+    print(f"export-vae: {set_threads(args, None)}")
+
+    latent_size = args.latent_size
+    if latent_size is None:
+        factor = vae_scale_factor(load_vae(args.vae))
+        if args.image_size % factor:
+            raise DitexportError(f"--image-size {args.image_size} is not a multiple of the VAE's factor {factor}")
+        latent_size = args.image_size // factor
+    precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
+    report = export_vae(args.vae, args.out, latent_size=latent_size, precisions=precisions, opset=args.opset)
+    return 0 if report["passed"] else 1
+
+
+# ------------------------------------------------------------------------------------- build, validate
+
+def cmd_build(args) -> int:
+    from ..artifacts import rebuild_command
+    from ..build import build_export, parse_precisions
+
+    precisions = parse_precisions(args.precision)
+    out = export_dir_of(args)
+    model, resolved = load_cli_model(args)
+    source = resolved.to_manifest()
+    print(f"model: {resolved.describe()}; {set_threads(args, model.config.hidden_size)}")
+    # Hints (and engine errors) quote the command that rebuilds this export: the user's flags, forced.
+    flags = model_flags(args) or ["--model", "digits"]
+    for flag, value, default in (("--precision", args.precision, "fp32,fp16"), ("--max-batch", args.max_batch, 8),
+                                 ("--opset", args.opset, None)):
+        if value != default:
+            flags += [flag, str(value)]
+    return build_export(model, source, out, precisions=precisions, max_images=args.max_batch, opset=args.opset,
+                        force=args.force, sample_steps=args.sample_steps, rebuild_command=rebuild_command(out, flags),
+                        build_flags=flags, wait=not args.no_wait,
+                        model_name=args.model or (Path(args.checkpoint).name if args.checkpoint else "digits"))
+
+
+def cmd_validate(args) -> int:
+    from ..artifacts import read_manifest
+    from ..build import check_source, revalidate
+
+    export_dir = export_dir_of(args)
+    hint = rebuild_hint(args, export_dir)
+    manifest = read_manifest(export_dir, hint)
+    check_source(manifest, export_dir, model=args.model, checkpoint=args.checkpoint, config=args.config,
+                 image_size=args.image_size)
+    print(f"validate: {export_dir}; {set_threads(args, manifest['config']['hidden_size'])}")
+    return revalidate(export_dir, sample_steps=args.sample_steps, rebuild=hint, wait=not args.no_wait)
