@@ -154,14 +154,15 @@ def validate_vae_decoder(vae, onnx_path: str | Path, *, precision: str, latent_s
                          seed: int = 0) -> dict:
     """The ONNX decoder on ONNX Runtime against the torch fp32 decoder: rel. error and max abs per batch size.
 
-    An fp16 graph on the CPU provider runs as its fp16-rounding twin (`validate.emulated_copy`), as the
+    An fp16 graph on the CPU provider runs as its fp16-rounding twin (`export.emulated_copy`), as the
     DiT's do, so that the error measured is the one fp16 hardware makes.
     """
     import tempfile
 
     import onnxruntime as ort
 
-    from .validate import emulated_copy, needs_emulation
+    from .export import emulated_copy
+    from .validate import needs_emulation
 
     providers = providers or ["CPUExecutionProvider"]
     emulated = needs_emulation(precision, providers)

@@ -54,7 +54,7 @@ def test_a_quick_stage_adds_no_line_and_a_failed_one_no_done_line():
 def test_every_stage_of_export_and_validation_is_announced(tmp_path, monkeypatch):
     """With a heartbeat every millisecond, each stage that runs is named while it runs."""
     monkeypatch.setattr(progress, "HEARTBEAT_S", 0.001)
-    validate._STRESS_RESULTS.clear()  # an earlier test's result would make the stress stage instant
+    validate.stress._STRESS_RESULTS.clear()  # an earlier test's result would make the stress stage instant
     lines = []
     model = create_model("DiT-tiny/2", seed=0)
     export_graphs(model, tmp_path, graphs=("xty",), log=lines.append)

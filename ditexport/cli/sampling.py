@@ -16,7 +16,7 @@ def cmd_info(args) -> int:
 
     import torch
 
-    from . import __version__
+    from .. import __version__
     from ..model import DIT_CONFIGS, DiT
 
     print(f"ditexport {__version__}  python {platform.python_version()}  torch {torch.__version__}")

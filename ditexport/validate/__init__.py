@@ -1,0 +1,134 @@
+"""Parity of exported graphs with the torch fp32 reference, and the report that says whether an export is good.
+
+Four kinds of evidence, as in DESIGN.md:
+- tensor level: every graph on ONNX Runtime at several batch sizes on random non-zero inputs, checked
+  names first, then shapes, then values (||a-b||/||b|| and max abs next to the tolerance; NaN/Inf fails);
+- per-tensor: when an fp16 check fails, Polygraphy runs the fp32 and fp16 graphs with every tensor marked as
+  an output and names the first tensor (in graph order) that drifts;
+- stress: weights scaled so the residual stream exceeds the fp16 range; the all-fp16 graph must overflow
+  while the mixed-precision graph stays finite and within tolerance;
+- sample level: the whole sampler through the ONNX Runtime backend vs torch fp32 with the same noise,
+  PSNR per sample and, for 8x8 digit models, agreement of a real-digit classifier.
+
+`metrics` holds the error measures and floors, `tensors` the tensor-level checks and drift location,
+`stress` the overflow check, `samples` the sample-level check, `report` the report; the fp16 emulation sits
+beside the fp16 policy in `ditexport.export`.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..artifacts import onnx_filename, scratch_dir
+from ..errors import DitexportError
+from ..export import GRAPHS, PRECISIONS, TOLERANCE, emulate_fp16, emulated_copy
+from ..model import DiT
+from ..progress import heartbeat
+from .metrics import (CLASS_AGREEMENT_FLOOR, DEFAULT_BATCHES, FP16_MAX, SAMPLE_PSNR_FLOOR, needs_emulation, psnr,
+                      relative_error)
+from .report import ValidationReport, report_differences
+from .samples import SampleCheck, _is_digits_config, sample_parity
+from .stress import stress_check
+from .tensors import GraphCheck, check_graph, graph_feed, locate_drift, reference_output
+
+__all__ = ["CLASS_AGREEMENT_FLOOR", "DEFAULT_BATCHES", "FP16_MAX", "SAMPLE_PSNR_FLOOR", "GraphCheck", "SampleCheck",
+           "ValidationReport", "check_graph", "emulate_fp16", "emulated_copy", "graph_feed", "locate_drift",
+           "needs_emulation", "psnr", "reference_output", "relative_error", "report_differences", "sample_parity",
+           "stress_check", "tensorrt_parity", "validate_export"]
+
+
+
+def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "", batches=DEFAULT_BATCHES,
+                    sample_steps: int | None = None, sample_images: int | None = None, stress: bool = True,
+                    opset: int | None = None, providers: list[str] | None = None, log=print) -> ValidationReport:
+    """Validates every graph present in `export_dir` against `model`; see the module docstring."""
+    import onnxruntime
+
+    from ..backends.onnxruntime_backend import OnnxRuntimeBackend, default_providers, provider_names
+
+    start = time.perf_counter()
+    export_dir = Path(export_dir)
+    providers = providers or default_providers()
+    model = model.float().eval()
+    report = ValidationReport(str(export_dir), model_name, onnxruntime.__version__, provider_names(providers))
+    present = {(g, p): export_dir / onnx_filename(g, p) for g in GRAPHS for p in PRECISIONS
+               if (export_dir / onnx_filename(g, p)).is_file()}
+    references = {}
+    for (graph, precision), path in present.items():
+        stage_start = time.perf_counter()
+        with heartbeat(log, f"validate: {path.name} against torch at batches {', '.join(map(str, batches))}"):
+            checks = check_graph(model, path, graph=graph, precision=precision, batches=batches,
+                                 providers=providers, references=references)
+        report.checks.extend(checks)
+        worst = max(checks, key=lambda c: c.rel_err)
+        log(f"validate: {path.name:<17} {precision}  worst rel err {worst.rel_err:.2e} "
+            f"(tolerance {worst.tolerance:.0e})  {'ok' if all(c.passed for c in checks) else 'FAILED'}  "
+            f"({time.perf_counter() - stage_start:.1f} s)")
+        fp32 = present.get((graph, "fp32"))
+        if precision != "fp32" and not all(c.passed for c in checks) and fp32 is not None:
+            try:
+                report.drift.append(locate_drift(fp32, path, graph_feed(model, graph, 1, seed=1)))
+            except DitexportError as e:  # the diagnosis is optional; the failure is already recorded
+                report.drift.append({"candidate": path.name, "reference": fp32.name, "error": str(e)})
+    if stress:
+        stage_start = time.perf_counter()
+        with heartbeat(log, "validate: stress check"):
+            report.stress = stress_check(opset=opset, workdir=export_dir)
+        log(f"validate: stress check (all-fp16 must overflow, the mixed graph must not)  "
+            f"{'ok' if report.stress['passed'] else 'FAILED'}  ({time.perf_counter() - stage_start:.1f} s)")
+    if sample_steps != 0:
+        digits = _is_digits_config(model.config)
+        # The built-in model: one digit per class, 50 steps, seconds. Other models: a short chain of 2 images,
+        # since every step is a forward per backend (DiT-XL/2 on 2 CPU cores: ~1 s per image per forward).
+        steps = sample_steps or (50 if digits else 5)
+        n = sample_images or (model.config.num_classes if digits else 2)
+        labels = [i % model.config.num_classes for i in range(n)]
+        with scratch_dir(export_dir, "samples") as tmp:
+            def make(path: Path, precision: str):
+                def backend():
+                    run = emulated_copy(path, tmp) if needs_emulation(precision, providers) else path
+                    return OnnxRuntimeBackend(run, model.config, providers=providers)
+                return backend
+
+            backends = {path.name: make(path, precision) for (graph, precision), path in present.items()
+                        if graph == "xty"}
+            report.samples = sample_parity(model, backends, labels=labels, steps=steps, log=log)
+        for s in report.samples:
+            log(f"validate: samples {s.file:<17} PSNR min {min(s.psnr_db):.1f} dB  {'ok' if s.passed else 'FAILED'}  "
+                f"({s.seconds:.1f} s)")
+    report.tensorrt = tensorrt_parity(export_dir, model, batches=batches, log=log)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def tensorrt_parity(export_dir: str | Path, model: DiT, *, batches=DEFAULT_BATCHES, log=print) -> dict:
+    """ONNX Runtime vs this machine's TensorRT engines in the export, side by side in Polygraphy's Comparator.
+
+    Each engine is compared with the ONNX graph it was built from, at `batches`, within that graph's
+    tolerance. Returns {"status": "skipped", "reason"} where TensorRT, a GPU or an engine is missing.
+    """
+    from .. import engine
+
+    reason = engine.tensorrt_unavailable_reason(for_build=False)
+    if reason:
+        return {"status": "skipped", "reason": reason}
+    export_dir = Path(export_dir)
+    rows = []
+    for graph, stem in (("xty", "model"), ("cond", "cond")):
+        plan = engine.plan_path_for(export_dir, stem)
+        if not plan.is_file():
+            continue
+        meta = engine.read_engine_metadata(plan)
+        onnx_path = export_dir / meta["onnx_file"]
+        precision = "fp16" if ".fp16." in onnx_path.name else "fp32"
+        feeds = [{k: v.numpy() for k, v in graph_feed(model, graph, b, seed=b).items()}
+                 for b in batches if meta["batch"]["min"] <= b <= meta["batch"]["max"]]
+        with heartbeat(log, f"validate: {plan.name} against {onnx_path.name} (TensorRT vs ONNX Runtime)"):
+            compared = engine.compare_with_onnxruntime(onnx_path, plan, feeds, tolerance=TOLERANCE[precision])
+        for row in compared:
+            rows.append({**row, "plan": plan.name, "onnx": onnx_path.name, "tolerance": TOLERANCE[precision]})
+    if not rows:
+        return {"status": "skipped", "reason": "the export has no TensorRT engine for this GPU"}
+    passed = all(r["passed"] for r in rows)
+    log(f"validate: tensorrt vs onnxruntime, {len(rows)} comparisons  {'ok' if passed else 'FAILED'}")
+    return {"status": "compared", "rows": rows, "passed": passed}
