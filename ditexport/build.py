@@ -14,7 +14,8 @@ from . import artifacts, locking, verification
 from .artifacts import ArtifactError, onnx_filename
 from .hashing import sha256_file
 from .errors import DitexportError
-from .export import DEFAULT_MAX_BATCH_IMAGES, DEFAULT_OPSET, GRAPHS, PRECISIONS, BatchProfile, export_graphs, io_spec
+from .engine.profile import DEFAULT_MAX_BATCH_IMAGES, BatchProfile
+from .export import DEFAULT_OPSET, GRAPHS, PRECISIONS, export_graphs, io_spec
 from .model import DiT, DiTConfig
 from .progress import heartbeat
 from .source import ModelSource

@@ -24,16 +24,15 @@ from ..model import DiT, DiTConfig
 from .emulation import emulate_fp16, emulated_copy
 from .precision import FP16_POLICY_TEXT, apply_fp16_policy, in_fp16_region, tensor_types
 from .save import clean_up, initializer_bytes, save_onnx
-from .spec import (DEFAULT_MAX_BATCH_IMAGES, DEFAULT_OPSET, DIAGNOSTIC_PRECISIONS, EXTERNAL_DATA_THRESHOLD, GRAPHS,
-                   ONNX_ATTENTION_OPSET, PRECISIONS, TOLERANCE, BatchProfile, ExportError, GraphSpec, TensorSpec,
-                   attention_mode, graph_spec, io_spec)
+from .spec import (DEFAULT_OPSET, DIAGNOSTIC_PRECISIONS, EXTERNAL_DATA_THRESHOLD, GRAPHS, ONNX_ATTENTION_OPSET,
+                   PRECISIONS, TOLERANCE, ExportError, GraphSpec, TensorSpec, attention_mode, graph_spec, io_spec)
 from .trace import _torch_to_onnx, release_memory
 
-__all__ = ["DEFAULT_MAX_BATCH_IMAGES", "DEFAULT_OPSET", "DIAGNOSTIC_PRECISIONS", "EXTERNAL_DATA_THRESHOLD",
-           "FP16_POLICY_TEXT", "GRAPHS", "ONNX_ATTENTION_OPSET", "PRECISIONS", "TOLERANCE", "BatchProfile",
-           "ExportError", "GraphSpec", "TensorSpec", "apply_fp16_policy", "attention_mode", "clean_up", "emulate_fp16", "emulated_copy",
-           "export_graphs", "export_onnx", "graph_spec", "in_fp16_region", "initializer_bytes", "io_spec",
-           "release_memory", "save_onnx", "tensor_types"]
+__all__ = ["DEFAULT_OPSET", "DIAGNOSTIC_PRECISIONS", "EXTERNAL_DATA_THRESHOLD", "FP16_POLICY_TEXT", "GRAPHS",
+           "ONNX_ATTENTION_OPSET", "PRECISIONS", "TOLERANCE", "ExportError", "GraphSpec", "TensorSpec",
+           "apply_fp16_policy", "attention_mode", "clean_up", "emulate_fp16", "emulated_copy", "export_graphs",
+           "export_onnx", "graph_spec", "in_fp16_region", "initializer_bytes", "io_spec", "release_memory",
+           "save_onnx", "tensor_types"]
 
 
 #################################################################################

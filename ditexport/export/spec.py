@@ -5,7 +5,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..errors import DitexportError, UsageError
+from ..engine.profile import DEFAULT_MAX_BATCH_IMAGES, BatchProfile
+from ..errors import DitexportError
 from ..model import DiTConfig
 from .precision import FP16_POLICY_TEXT
 
@@ -25,7 +26,6 @@ ONNX_ATTENTION_OPSET = 23  # from this opset on, SDPA is exported as the ONNX `A
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 
 TOLERANCE = {"fp32": 1e-5, "fp16": 5e-3}  # relative error ||a - b|| / ||b|| against torch fp32
-DEFAULT_MAX_BATCH_IMAGES = 8             # images per request an engine profile is built for
 
 
 class ExportError(DitexportError):
@@ -45,26 +45,6 @@ class TensorSpec:
 
     def concrete_shape(self, batch: int) -> tuple[int, ...]:
         return tuple(batch if d == "batch" else d for d in self.shape)
-
-
-@dataclass(frozen=True)
-class BatchProfile:
-    """Batch rows an engine is optimised for; guided sampling runs 2 rows per image ([cond; uncond])."""
-    min: int
-    opt: int
-    max: int
-
-    @classmethod
-    def for_images(cls, max_images: int = DEFAULT_MAX_BATCH_IMAGES, guided: bool = True,
-                   opt_images: int | None = None) -> "BatchProfile":
-        """min 1; opt defaults to max, since the large batches are where the time goes."""
-        if max_images < 1:
-            raise UsageError(f"the engine's max batch must be at least 1 image, got {max_images}")
-        opt_images = max_images if opt_images is None else opt_images
-        if not 1 <= opt_images <= max_images:
-            raise UsageError(f"the engine's opt batch must be between 1 and {max_images} images, got {opt_images}")
-        rows_per_image = 2 if guided else 1
-        return cls(min=1, opt=rows_per_image * opt_images, max=rows_per_image * max_images)
 
 
 @dataclass(frozen=True)
