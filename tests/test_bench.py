@@ -134,10 +134,10 @@ def test_quick_cpu_bench_writes_json_plot_and_ends_with_the_table(quick_run):
     assert lines[-1].split()[0] == report["results"][-1]["backend"]
 
 
-def test_second_run_reuses_the_exported_onnx(quick_run, capsys):
-    _, out, _ = quick_run
+def test_second_run_reuses_the_exported_onnx(quick_run, tmp_path, capsys):
+    # Its own output directory: the first run's report stays as it was for the tests that read it.
     code = main(["bench", "--model", "DiT-tiny/2", "--quick", "--device", "cpu", "--batch-sizes", "2",
-                 "--no-unguided", "--backends", "onnxruntime-fp16", "--out", str(out)])
+                 "--no-unguided", "--backends", "onnxruntime-fp16", "--out", str(tmp_path)])
     assert code == 0 and "found cached ONNX" in capsys.readouterr().out
 
 
@@ -174,7 +174,7 @@ def test_bad_bench_options_are_one_line_errors(capsys, tmp_path):
         main(["bench", "--batch-sizes", "3"])
 
 
-def test_bench_runs_the_export_that_build_makes_and_never_a_second_one(quick_run, workdir, capsys):
+def test_bench_runs_the_export_that_build_makes_and_never_a_second_one(quick_run, workdir, tmp_path, capsys):
     _, out, printed = quick_run
     export = workdir / "exports" / "DiT-tiny-2-64"
     assert f"{Path('exports') / 'DiT-tiny-2-64'}: no complete export yet; building it" in printed
@@ -185,7 +185,7 @@ def test_bench_runs_the_export_that_build_makes_and_never_a_second_one(quick_run
     assert f"{Path('exports') / 'DiT-tiny-2-64'}: up to date" in capsys.readouterr().out
     # An export of another model in the way is refused, not overwritten.
     code = main(["bench", "--model", "DiT-digits", "--quick", "--device", "cpu", "--batch-sizes", "2",
-                 "--backends", "onnxruntime-fp32", "--export-dir", str(export), "--out", str(out)])
+                 "--backends", "onnxruntime-fp32", "--export-dir", str(export), "--out", str(tmp_path)])
     assert code == 2 and "was built for another model config" in capsys.readouterr().err
     assert read_manifest(export)["model"] == "DiT-tiny/2"
 
@@ -196,7 +196,7 @@ def test_every_row_reports_the_spread_of_its_timed_calls(quick_run):
     for row in report["results"]:
         assert row["spread"] == pytest.approx((row["ms_max"] - row["ms_min"]) / row["ms_per_forward"])
     assert (stability_warning(report) is None) == all(r["spread"] <= UNSTABLE_SPREAD for r in report["results"])
-    # The run's own output (its JSON is rewritten by the next test): per-row notes, marks in the table, warning.
+    # The run's own output: per-row notes, marks in the table, warning.
     table = printed.strip().splitlines()[-9:]
     flagged = [line for line in table if line.endswith("%!")]
     assert printed.count("%: unstable)") == len(flagged)
