@@ -93,6 +93,18 @@ def concurrent_calls_match_lone_calls(backend, feeds, threads: int = 4) -> int:
     return len(results)
 
 
+def observe_chunks(backend, method: str) -> list[int]:
+    """Wraps `backend.<method>` (the real one still runs) and returns the list the batch size of each call lands in."""
+    sizes, real = [], getattr(backend, method)
+
+    def counted(x, *rest):
+        sizes.append(x.shape[0])
+        return real(x, *rest)
+
+    setattr(backend, method, counted)
+    return sizes
+
+
 def model_feeds(cfg, batches, device="cpu", seed=0):
     """(x, t, y) feeds of the given batch sizes, seeded, labels including the null class."""
     feeds = []

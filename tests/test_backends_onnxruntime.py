@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import concurrent_calls_match_lone_calls, model_feeds
+from conftest import concurrent_calls_match_lone_calls, model_feeds, observe_chunks
 
 from ditexport.backends import OnnxRuntimeBackend, TorchBackend
 from ditexport.backends.onnxruntime_backend import (CPU, CUDA, OnnxRuntimeError, cuda_provider_options,
@@ -49,10 +49,12 @@ def test_batches_above_max_batch_are_split(exported):
     model, xty, _ = exported
     whole = OnnxRuntimeBackend(xty, model.config)
     split = OnnxRuntimeBackend(xty, model.config, max_batch=2)
+    chunks = observe_chunks(split, "_forward")
     feed = graph_feed(model, "xty", 5, seed=9)
     a = whole(feed["x"], feed["t"], feed["y"])
     b = split(feed["x"], feed["t"], feed["y"])
     assert b.shape[0] == 5 and relative_error(b, a)[0] < 1e-6
+    assert chunks == [2, 2, 1]
 
 
 def test_pipeline_samples_like_torch(exported):

@@ -3,7 +3,7 @@ streams) and the sampler's freedom from per-step host syncs."""
 import numpy as np
 import pytest
 import torch
-from conftest import concurrent_calls_match_lone_calls, model_feeds, no_host_sync_after_first_step
+from conftest import concurrent_calls_match_lone_calls, model_feeds, no_host_sync_after_first_step, observe_chunks
 
 from ditexport import zoo
 from ditexport.backends import TorchBackend
@@ -77,6 +77,24 @@ def test_cpu_backend_is_safe_to_share_between_threads(dtype, one_torch_thread):
     backend = TorchBackend(create_model("DiT-tiny/2", seed=0), "cpu", dtype, max_batch=4)
     feeds = model_feeds(backend.config, [1, 2, 5, 3, 2, 6], seed=7)  # 5 and 6 are split by max_batch
     assert concurrent_calls_match_lone_calls(backend, feeds, threads=4) == 24
+
+
+@pytest.mark.parametrize("rows, chunks", [(10, [4, 4, 2]), (8, [4, 4]), (4, [4]), (3, [3])])
+def test_batches_above_max_batch_run_in_chunks_of_max_batch(rows, chunks, one_torch_thread):
+    model = create_model("DiT-tiny/2", seed=0)
+    backend = TorchBackend(model, "cpu", max_batch=4)
+    xty_sizes, cond_sizes = observe_chunks(backend, "_forward"), observe_chunks(backend, "_forward_with_condition")
+    (x, t, y), = model_feeds(model.config, [rows], seed=3)
+    with torch.no_grad():
+        whole, c = model(x, t, y), model.embed_condition(t, y)
+        whole_cond = model.forward_with_condition(x, c)
+    out = backend(x, t, y)
+    assert xty_sizes == chunks and cond_sizes == []
+    torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-6)  # rows in order, each from its own inputs
+    out_cond = backend.with_condition(x, c)
+    assert cond_sizes == chunks and xty_sizes == chunks
+    torch.testing.assert_close(out_cond, whole_cond, rtol=1e-5, atol=1e-6)
+    assert (out_cond - out).abs().max() < 1e-5  # both graphs agree: the same conditioning
 
 
 def test_sample_command_runs_fp16_on_the_cpu(tmp_path, capsys):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import pytest
 import torch
@@ -26,15 +25,14 @@ def build(capsys, *args) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """A complete tiny export, built once through the CLI."""
+    """A complete tiny export, built once through the CLI; tests read it, or change a copy (`built_copy`)."""
     out = tmp_path_factory.mktemp("build") / "tiny"
-    start = time.perf_counter()
     assert main(["build", *TINY, "--out", str(out), "--max-batch", "4"]) == 0
-    return out, time.perf_counter() - start
+    return out
 
 
 def test_build_writes_a_validated_export_with_its_manifest(built):
-    out, _ = built
+    out = built
     manifest = read_manifest(out)
     assert set(manifest["files"]) == {"model.onnx", "model.fp16.onnx", "cond.onnx", "cond.fp16.onnx"}
     assert manifest["config"]["hidden_size"] == 64 and manifest["model"] == "DiT-tiny/2"
@@ -53,29 +51,58 @@ def test_build_writes_a_validated_export_with_its_manifest(built):
     assert [e.path for e in list_exports(out.parent)] == [out]
 
 
-def test_second_build_is_up_to_date_and_force_rebuilds(built, capsys):
-    out, first_seconds = built
+@pytest.fixture
+def built_copy(built, tmp_path):
+    """A copy of the shared tiny export, for a test that rebuilds or damages it (the shared one stays intact)."""
+    out = tmp_path / "tiny"
+    shutil.copytree(built, out, copy_function=shutil.copy2)  # copy2 keeps the times the up-to-date check reads
+    return out
+
+
+@pytest.fixture
+def heavy_work(monkeypatch):
+    """Counts, without changing them, the graphs traced (torch.onnx.export) and the ONNX Runtime sessions opened."""
+    import onnxruntime
+
+    counts = {"traced": 0, "sessions": 0}
+    trace, session = torch.onnx.export, onnxruntime.InferenceSession
+
+    def counted_trace(*args, **kwargs):
+        counts["traced"] += 1
+        return trace(*args, **kwargs)
+
+    class CountedSession(session):
+        def __init__(self, *args, **kwargs):
+            counts["sessions"] += 1
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", counted_trace)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", CountedSession)
+    return counts
+
+
+def test_second_build_is_up_to_date_and_force_rebuilds(built_copy, heavy_work, capsys):
+    out = built_copy
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    start = time.perf_counter()
     code, text, _ = build(capsys, *TINY, "--out", str(out), "--max-batch", "4")
-    seconds = time.perf_counter() - start
     assert code == 0 and "up to date" in text and "export:" not in text
-    assert seconds < first_seconds / 3
+    # Up to date means no work, observed: nothing traced, no graph run, no file rewritten.
+    assert heavy_work == {"traced": 0, "sessions": 0}
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     code, text, _ = build(capsys, *TINY, "--out", str(out), "--max-batch", "4", "--force")
     assert code == 0 and "export: model.onnx" in text and "PASSED" in text
+    assert heavy_work["traced"] == 2 and heavy_work["sessions"] > 4  # both graphs traced, every file validated
     rewritten = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert all(rewritten[name] != stamps[name] for name in stamps)  # every file, manifest included
     # Another input (the engine profile's max batch) is another export: rebuilt without --force.
     code, text, _ = build(capsys, *TINY, "--out", str(out), "--max-batch", "2")
     assert code == 0 and "up to date" not in text and "export: model.onnx" in text
     assert read_manifest(out)["io_spec"]["batch_profile"]["max"] == 4
-    code, text, _ = build(capsys, *TINY, "--out", str(out), "--max-batch", "4")  # back to the fixture's
-    assert code == 0 and "up to date" not in text
+    assert read_manifest(built_copy)["validation"]["passed"] is True
 
 
-def test_a_modified_file_is_not_up_to_date(built, capsys):
-    out, _ = built
+def test_a_modified_file_is_not_up_to_date(built_copy, capsys):
+    out = built_copy
     with open(out / "cond.fp16.onnx", "ab") as f:
         f.write(b"\0")
     code, text, _ = build(capsys, *TINY, "--out", str(out), "--max-batch", "4")
@@ -84,7 +111,7 @@ def test_a_modified_file_is_not_up_to_date(built, capsys):
 
 
 def test_validate_command_and_a_truncated_graph(built, tmp_path, capsys):
-    out, _ = built
+    out = built
     assert main(["validate", "--export-dir", str(out), "--sample-steps", "0"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1].startswith("PASSED")
@@ -98,7 +125,7 @@ def test_validate_command_and_a_truncated_graph(built, tmp_path, capsys):
 
 
 def test_sample_with_the_onnxruntime_backend(built, tmp_path, capsys):
-    out, _ = built
+    out = built
     png = tmp_path / "grid.png"
     code = main(["sample", "--backend", "onnxruntime", "--model", "DiT-tiny/2", "--export-dir", str(out),
                  "--steps", "3", "--num-images", "2", "--quiet", "--out", str(png)])
@@ -131,7 +158,7 @@ def test_onnxruntime_sessions_take_the_threads_of_the_flag(built, tmp_path, caps
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", RecordingSession)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    out, _ = built
+    out = built
     for flag, expected in ((["--torch-threads", "2"], 2), ([], 1)):  # DiT-tiny/2 is small: 1 by default
         assert main(["sample", "--backend", "onnxruntime", "--model", "DiT-tiny/2", "--export-dir", str(out),
                      "--steps", "2", "--num-images", "1", "--quiet", "--out", str(tmp_path / "x.png"), *flag]) == 0
@@ -140,13 +167,12 @@ def test_onnxruntime_sessions_take_the_threads_of_the_flag(built, tmp_path, caps
     capsys.readouterr()
 
 
-def test_an_interrupted_rebuild_is_never_complete(built, tmp_path, capsys, monkeypatch):
+def test_an_interrupted_rebuild_is_never_complete(built_copy, tmp_path, capsys, monkeypatch):
     """A forced rebuild of a complete export dies while exporting the cond graph: the old manifest is gone
     and no new one is written, so nothing treats the directory as an export."""
     import ditexport.export as export
 
-    out = tmp_path / "tiny"
-    shutil.copytree(built[0], out)
+    out = built_copy
     assert read_manifest(out)
     finish = export._finish
 

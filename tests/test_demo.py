@@ -60,6 +60,7 @@ def test_blend_endpoints_reproduce_plain_class_sampling(service):
     (dict(steps=301), "steps must be between 1 and 300"),
     (dict(num_images=9), "number of images must be between 1 and 8"),
     (dict(guidance=25.0), "guidance scale must be between 1.0 and 20.0"),
+    (dict(guidance=float("nan")), "guidance scale must be between 1.0 and 20.0 on this server, got nan"),
     (dict(blend_class=3, blend_weight=1.5), "blend must be between"),
     (dict(class_index=10), r"class must be in 0\.\.9"),
     (dict(backend="onnxruntime (fp32)"), "cannot run digits"),
@@ -75,13 +76,20 @@ def test_limits_and_bad_inputs_are_clear_errors(service, change, message):
 def test_requests_for_a_busy_backend_wait_for_it(service):
     slot = service._slots["torch"]
     slot.acquire()  # another request holds the torch backend
-    waits, results = [], []
+    waits, results, waiting = [], [], threading.Event()
+
+    def on_wait(message):
+        waits.append(message)
+        waiting.set()
+
     worker = threading.Thread(target=lambda: results.append(
-        service.generate(GenerateRequest(**QUICK), progress=False, on_wait=waits.append)))
+        service.generate(GenerateRequest(**QUICK), progress=False, on_wait=on_wait)))
     try:
         worker.start()
-        time.sleep(0.5)
-        assert waits == ["waiting for the torch backend (busy with another request)"] and results == []
+        assert waiting.wait(timeout=60)  # the request said it waits ...
+        worker.join(timeout=0.2)
+        assert worker.is_alive() and results == []  # ... and it does wait: no result while the slot is held
+        assert waits == ["waiting for the torch backend (busy with another request)"]
     finally:
         slot.release()
     worker.join(timeout=60)
@@ -222,6 +230,7 @@ def test_server_listens_on_localhost_only(server):
 
 def test_gradio_client_gets_images_and_errors_do_not_stop_the_server(server, service, tmp_path):
     from gradio_client import Client
+    from gradio_client.exceptions import AppError
 
     client = Client(server[0], verbose=False, download_files=str(tmp_path), analytics_enabled=False)
     request = dict(model=BUILTIN_KEY, backend="torch (fp32)", class_index=5, blend_class=NO_BLEND, blend_weight=0.5,
@@ -238,9 +247,9 @@ def test_gradio_client_gets_images_and_errors_do_not_stop_the_server(server, ser
         assert a.shape == (128, 128, 3)
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
-    with pytest.raises(Exception, match="steps must be between 1 and 300"):
+    with pytest.raises(AppError, match="steps must be between 1 and 300 on this server, got 5000"):
         client.predict(**{**request, "steps": 5000}, api_name="/generate")
-    with pytest.raises(Exception, match="class must be in 0..9|not in the list of choices"):
+    with pytest.raises(AppError, match=r"class must be in 0\.\.9 for .*, got 42"):
         client.predict(**{**request, "class_index": 42}, api_name="/generate")
     gallery, _ = client.predict(**{**request, "num_images": 2, "class_index": 1}, api_name="/generate")
     assert len(gallery) == 2 and all(Path(item["image"]).is_file() for item in gallery)
@@ -274,6 +283,7 @@ def test_the_documented_one_shot_api_call_works_for_every_backend_here(server, s
 
 def test_api_values_are_taken_as_advertised_and_fractions_refused(server, tmp_path):
     from gradio_client import Client
+    from gradio_client.exceptions import AppError
 
     client = Client(server[0], verbose=False, download_files=str(tmp_path))
     advertised = {p["parameter_name"]: p["type"] for p in
@@ -284,12 +294,13 @@ def test_api_values_are_taken_as_advertised_and_fractions_refused(server, tmp_pa
     as_text = _gallery_pixels(client.predict(**request, class_index="3", api_name="/generate")[0])
     as_int = _gallery_pixels(client.predict(**request, class_index=3, api_name="/generate")[0])
     assert all(np.array_equal(a, b) for a, b in zip(as_text, as_int))
-    with pytest.raises(Exception, match="steps must be a whole number, got 2.5"):
+    with pytest.raises(AppError, match=r"steps must be a whole number, got 2\.5"):
         client.predict(**{**request, "steps": 2.5}, class_index=3, api_name="/generate")
 
 
 def test_failed_and_damaged_exports_are_not_served_and_rejections_log_no_traceback(server, tmp_path):
     from gradio_client import Client
+    from gradio_client.exceptions import AppError
 
     client = Client(server[0], verbose=False, download_files=str(tmp_path))
     menu = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
@@ -297,16 +308,25 @@ def test_failed_and_damaged_exports_are_not_served_and_rejections_log_no_traceba
     assert "exports/digits" in offered and "exports/flipped" in offered and "exports/failed" not in offered
     request = dict(backend="onnxruntime (fp32)", class_index=3, blend_class=-1, blend_weight=0.5, num_images=2,
                    guidance=4.0, sampler="ddpm", steps=12, seed=5)
-    with pytest.raises(Exception, match="model.onnx does not match its SHA-256.*rebuild with: python -m ditexport "
+    with pytest.raises(AppError, match="model.onnx does not match its SHA-256.*rebuild with: python -m ditexport "
                                         "build --model digits --precision fp32 --export-dir .*flipped --force"):
         client.predict(model="exports/flipped", **request, api_name="/generate")
-    with pytest.raises(Exception, match="unknown model 'exports/failed'"):
+    with pytest.raises(AppError, match="unknown model 'exports/failed'"):
         client.predict(model="exports/failed", **request, api_name="/generate")
-    bad = [dict(steps=5000), dict(class_index=42), dict(guidance=float("nan")), dict(sampler="euler"),
-           dict(seed=-1), dict(num_images=0.5), dict(blend_weight=2.0, blend_class=1), dict(backend="tensorrt (fp16)")]
-    for change in bad:
-        with pytest.raises(Exception):
+    bad = [(dict(steps=5000), "steps must be between 1 and 300 on this server, got 5000"),
+           (dict(class_index=42), r"class must be in 0\.\.9 for exports/digits, got 42"),
+           (dict(sampler="euler"), "sampler must be one of ddpm, ddim, dpmpp-2m, got 'euler'"),
+           (dict(seed=-1), "seed must be between 0 and 2147483647 on this server, got -1"),
+           (dict(num_images=0.5), "number of images must be a whole number, got 0.5"),
+           (dict(blend_weight=2.0, blend_class=1), r"blend must be between 0\.0 and 1\.0 on this server, got 2\.0"),
+           (dict(backend="tensorrt (fp16)"), r"backend 'tensorrt \(fp16\)' cannot run exports/digits here; "
+                                             r"available: torch \(fp32\), onnxruntime \(fp32\)")]
+    for change, message in bad:
+        with pytest.raises(AppError, match=message):
             client.predict(model="exports/digits", **{**request, **change}, api_name="/generate")
+    # A NaN guidance never leaves the client (JSON has no NaN); the service's own refusal is tested in-process.
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        client.predict(model="exports/digits", **{**request, "guidance": float("nan")}, api_name="/generate")
     gallery, _ = client.predict(model="exports/digits", **request, api_name="/generate")  # still serving
     assert len(gallery) == 2
     log = server[1].read_text()

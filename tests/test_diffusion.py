@@ -231,3 +231,97 @@ def test_bad_sampler_settings_are_refused():
         Sampler(SamplerConfig(method="euler"), 1, 10)
     with pytest.raises(ValueError, match="steps must be between"):
         Sampler(SamplerConfig(num_steps=0), 1, 10)
+
+
+# ----------------------------------------------------------------------------- variational bound (float64)
+
+# float32 against float64: at most 2.2e-6 relative where the term is above 1e-2 bits; a KL of 1e-4 bits or less
+# (t near 999) is a difference of nearly equal float32 numbers, hence the 1e-7-bit floor. Bits vs nats is 44 %.
+VB_FLOAT32 = dict(rtol=5e-6, atol=1e-7)
+
+
+def ref_vb_bits(out, x0, x_t, t):
+    """The official vb term per sample in bits, from the definitions in float64: KL(q(x_{t-1}|x_t,x_0) ||
+    p(x_{t-1}|x_t)) for t > 0, the discretised-Gaussian decoder NLL for t == 0, each a mean over pixels / ln 2."""
+    betas = np.array([1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)], dtype=np.float64)
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    log_post_var = np.log(np.concatenate([[post_var[1]], post_var[1:]]))
+    out, x0, x_t = (a.detach().double().numpy() for a in (out, x0, x_t))
+    C = x0.shape[1]
+    bits = []
+    for i, s in enumerate(t.tolist()):
+        def posterior_mean(start):
+            return (betas[s] * math.sqrt(abar_prev[s]) / (1 - abar[s]) * start
+                    + (1 - abar_prev[s]) * math.sqrt(1 - betas[s]) / (1 - abar[s]) * x_t[i])
+
+        eps, frac = out[i, :C], (out[i, C:] + 1) / 2
+        log_var = frac * math.log(betas[s]) + (1 - frac) * log_post_var[s]
+        mean = posterior_mean((x_t[i] - math.sqrt(1 - abar[s]) * eps) / math.sqrt(abar[s]))
+        if s > 0:
+            true_log_var = log_post_var[s]
+            nats = 0.5 * (-1 + log_var - true_log_var + np.exp(true_log_var - log_var)
+                          + (posterior_mean(x0[i]) - mean) ** 2 * np.exp(-log_var))
+        else:
+            def cdf(z):  # the official tanh approximation of the standard normal CDF
+                return 0.5 * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+
+            sd = np.exp(0.5 * log_var)
+            upper, lower = cdf((x0[i] - mean + 1 / 255) / sd), cdf((x0[i] - mean - 1 / 255) / sd)
+            log_p = np.where(x0[i] < -0.999, np.log(upper),
+                             np.where(x0[i] > 0.999, np.log(1 - lower), np.log(upper - lower)))
+            nats = -log_p
+        bits.append(nats.mean() / math.log(2))
+    return torch.tensor(bits, dtype=torch.float64)
+
+
+def digits_batch(n, seed):
+    """Pixels in [-1, 1] with some exactly at the ends (as real images have), labels, noise."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1
+    x0[:, :, 0] = -1.0
+    x0[:, :, -1, :4] = 1.0
+    return x0, torch.randint(0, 10, (n,), generator=gen), torch.randn(n, 1, 8, 8, generator=gen)
+
+
+def test_training_loss_vb_equals_the_float64_bound_in_bits():
+    from ditexport.zoo import load_builtin
+
+    d = create_diffusion("")
+    model = load_builtin("digits").eval()  # trained: its variance output is meaningful, not noise
+    x0, y, noise = digits_batch(6, seed=3)
+    t = torch.tensor([0, 0, 1, 10, 500, 999])
+    seen = []
+
+    def observed(x, s, **kwargs):
+        seen.append((x, model(x, s, **kwargs)))
+        return seen[-1][1]
+
+    with torch.no_grad():
+        terms = d.training_losses(observed, x0, t, noise=noise, model_kwargs={"y": y})
+    (x_t, out), = seen
+    torch.testing.assert_close(x_t.double(), ref_q_sample(x0, t, noise), rtol=1e-6, atol=1e-6)
+    expected = ref_vb_bits(out, x0, x_t, t)
+    torch.testing.assert_close(terms["vb"].double(), expected, **VB_FLOAT32)
+    torch.testing.assert_close(terms["loss"].double(), terms["mse"].double() + expected, **VB_FLOAT32)
+
+
+def ref_q_sample(x0, t, noise):
+    betas = np.array([1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)], dtype=np.float64)
+    abar = torch.from_numpy(np.cumprod(1 - betas))[t].reshape(-1, 1, 1, 1)
+    return abar.sqrt() * x0.double() + (1 - abar).sqrt() * noise.double()
+
+
+@pytest.mark.parametrize("steps", [[0, 0, 0], [1, 37, 999]], ids=["t=0", "t>0"])
+def test_vb_terms_bpd_equal_the_float64_formulas(steps):
+    d = create_diffusion("")
+    x0, _, noise = digits_batch(3, seed=5)
+    t = torch.tensor(steps)
+    x_t = d.q_sample(x0, t, noise)
+    gen = torch.Generator().manual_seed(9)
+    # An epsilon close to the true noise (as a trained model's) and variance values across [-1, 1].
+    out = torch.cat([noise + 0.05 * torch.randn(noise.shape, generator=gen),
+                     torch.rand(noise.shape, generator=gen) * 2 - 1], dim=1)
+    torch.testing.assert_close(d._vb_terms_bpd(out, x0, x_t, t).double(), ref_vb_bits(out, x0, x_t, t),
+                               **VB_FLOAT32)

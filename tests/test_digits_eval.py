@@ -8,7 +8,9 @@ import torch
 
 from ditexport import cli
 from ditexport.backends import TorchBackend
+from ditexport.diffusion import SamplerConfig
 from ditexport.model import create_model
+from ditexport.pipeline import Pipeline
 from ditexport.zoo import load_builtin
 from ditexport.zoo.digits_eval import DigitsReference, evaluate_digits, frechet_distance
 
@@ -54,8 +56,15 @@ def test_evaluate_scores_guided_and_unguided_samples(reference):
                              reference=reference)
     assert [s.guidance_scale for s in report.scores] == [3.0, 1.0]
     assert report.floor_samples == 20 and report.frechet_floor == pytest.approx(reference.frechet_floor(20))
+    labels = np.repeat(np.arange(10), 2)
     for score in report.scores:
-        assert 0.0 <= score.class_agreement <= 1.0 and len(score.per_class_agreement) == 10
+        # The same samples drawn again through the pipeline, classified and counted here.
+        images = Pipeline(backend)(labels.tolist(), seed=1, sampler_cfg=SamplerConfig(
+            num_steps=5, guidance_scale=score.guidance_scale)).images
+        hits = reference.predict(images) == labels
+        assert score.class_agreement == pytest.approx(hits.mean())
+        assert score.per_class_agreement == pytest.approx([hits[2 * c:2 * c + 2].mean() for c in range(10)])
+        assert score.frechet_distance == pytest.approx(reference.frechet_to_real(images))
         assert score.frechet_distance > report.frechet_floor  # an untrained model draws no digits
     assert "held-out accuracy" in report.format()
 

@@ -55,9 +55,9 @@ def test_engine_profile_doubles_for_guidance():
     assert engine_profile(8) == (1, 16, 16)
     assert engine_profile(8, guided=False) == (1, 8, 8)
     assert engine_profile(32, opt_batch_images=1) == (1, 2, 64)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max batch must be at least 1 image, got 0"):
         engine_profile(0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="opt batch must be between 1 and 4 images, got 5"):
         engine_profile(4, opt_batch_images=5)
 
 
@@ -68,21 +68,21 @@ def test_profile_shapes_from_a_real_export(tiny_fp16_onnx):
     profile = profile_shapes(shapes, *engine_profile(8))
     assert profile["x"] == {"min": [1, 4, 8, 8], "opt": [16, 4, 8, 8], "max": [16, 4, 8, 8]}
     assert profile["t"] == {"min": [1], "opt": [16], "max": [16]}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"1 <= min <= opt <= max, got 4, 2, 8"):
         profile_shapes(shapes, 4, 2, 8)
 
 
 def test_one_profile_per_timed_batch_covers_every_batch_once():
     ranges = batch_profiles([64, 2, 8, 32, 1, 8])
     assert ranges == [(1, 1, 1), (2, 2, 2), (3, 8, 8), (9, 32, 32), (33, 64, 64)]
-    for batch in range(1, 65):  # every batch has exactly one profile, the one timed nearest above it
-        (index,) = [i for i, (lo, _, hi) in enumerate(ranges) if lo <= batch <= hi]
-        assert profile_for_batch(ranges, batch) == index
+    # Every batch runs on the profile timed nearest above it: 1 -> 1, 2 -> 2, 3..8 -> 8, 9..32 -> 32, 33..64 -> 64.
+    expected = [0] * 1 + [1] * 1 + [2] * 6 + [3] * 24 + [4] * 32
+    assert [profile_for_batch(ranges, batch) for batch in range(1, 65)] == expected
     assert [ranges[profile_for_batch(ranges, b)][1] for b in (1, 2, 8, 32, 64)] == [1, 2, 8, 32, 64]
     assert batch_profiles([16]) == [(1, 16, 16)]
     with pytest.raises(EngineError, match="no optimization profile .* batch 65"):
         profile_for_batch(ranges, 65)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"profile batches must be at least 1, got \[0, 2\]"):
         batch_profiles([0, 2])
 
 

@@ -232,10 +232,10 @@ def test_read_only_exports_are_used_and_refused_as_they_should_be(cli, digits_ex
 
     with tmpfs(tmp_path / "ro", "20m", read_only_after=copy_in) as ro:
         export = ro / "digits"
-        start = time.perf_counter()
         proc = cli("validate", "--export-dir", export, case="validate a read-only export")
         assert_refused(proc, str(export), "Read-only file system")
-        assert time.perf_counter() - start < 60  # refused up front, not after the validation's work
+        # Refused up front, not after the validation's work: no graph was checked, no stress run.
+        assert "worst rel err" not in proc.stdout and "stress check" not in proc.stdout, proc.stdout
         proc = cli("build", "--precision", "fp32", "--export-dir", export, case="build a read-only, up-to-date export")
         assert proc.returncode == 0 and "up to date" in proc.stdout, proc.stderr
         out = tmp_path / "ro.png"
