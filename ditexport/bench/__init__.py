@@ -1,11 +1,6 @@
 """`python -m ditexport bench`: one model through every backend this machine has, measured side by side.
 
-For each backend and forward batch size it reports the median ms per forward (CUDA events on a GPU,
-`perf_counter` on the CPU), images/s for 250- and 50-step sampling, the share of the card's fp16 matmul
-rate (GPU only, the rate measured in the same run) and the speed-up over torch eager measured in the
-same run. Images/s is derived, not guessed: images per forward / (steps x (forward ms + sampler ms)),
-where the sampler's own per-step cost is measured by running the real sampler loop with the network
-replaced by a constant output, and one real end-to-end sample per backend checks the derivation.
+The method is `settings.METHOD`, which every report records.
 """
 from __future__ import annotations
 

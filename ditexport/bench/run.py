@@ -14,8 +14,8 @@ import torch
 from ..backends.base import resolve_device, synchronize
 from ..errors import DitexportError, UsageError
 from ..model import DiT, DiTConfig
-from .settings import (BASELINE, BENCH_BACKENDS, bench_rows, BenchSettings, QUALITY_SETTING, row_key, SAMPLING_STEPS,
-                       Skip, UNSTABLE_SPREAD)
+from .settings import (BASELINE, METHOD, BENCH_BACKENDS, bench_rows, BenchSettings, QUALITY_SETTING, row_key,
+                       SAMPLING_STEPS, Skip, UNSTABLE_SPREAD)
 from .backends import BenchContext, make_bench_backend
 from .measure import dit_forward_flops, forward_inputs, fp16_matmul_tflops, sampler_step_ms, time_calls, timing_spread
 from ..logs import get_logger
@@ -58,7 +58,7 @@ def run_bench(model: DiT, source: str, settings: BenchSettings, log=LOG.info,
                   "gflops_per_image": dit_forward_flops(cfg) / 1e9},
         "machine": _machine(device),
         "settings": asdict(settings),
-        "method": __doc__.split("\n\n", 1)[1].strip().replace("\n", " "),
+        "method": METHOD,
         "matmul_fp16_tflops": None,
         "sampler_ms_per_step": {},
         "results": [], "end_to_end": [], "skipped": [], "failed": [],
