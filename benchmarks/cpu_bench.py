@@ -56,7 +56,7 @@ def _torch_call(model: DiT, feed):
 
 
 def _ort_call(path: Path, feed, threads: int | None = None, optimization: str = "all"):
-    from .backends.onnxruntime_backend import load_session
+    from ditexport.backends.onnxruntime_backend import load_session
 
     session = load_session(path, ["CPUExecutionProvider"], threads=threads, optimization=optimization)
     arrays = {k: v.numpy() for k, v in feed.items()}
@@ -137,7 +137,7 @@ def compare_options(model_name: str = "DiT-S/2", batch: int = 4, image_size: int
 def fp16_errors(model_names=("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"), batch: int = 2, image_size: int = 256,
                 log=print) -> list[dict]:
     """Rel error and max abs of the fp16 graph (emulated on the CPU) and the fp32 graph vs torch fp32, per size."""
-    from .validate import check_graph
+    from ditexport.validate import check_graph
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="ditexport-errors-") as tmp:
