@@ -1,6 +1,6 @@
 """The Gradio demo, runnable from a checkout: `python demo/app.py [--host H] [--port P] [--share] ...`.
 
-The app itself lives in the package (`ditexport/demo_app.py`) so that `python -m ditexport demo` works
+The app itself lives in the package (`ditexport/demo_app/`) so that `python -m ditexport demo` works
 from an installed wheel; this file only forwards its arguments to that sub-command.
 """
 import sys

@@ -24,7 +24,7 @@ from .errors import DitexportError
 EXPORTS_ROOT = Path("exports")
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
-MANIFEST_FORMAT = 1  # bump when the manifest's meaning changes, so old exports rebuild instead of misleading
+MANIFEST_FORMAT = 2  # bump when the manifest's meaning changes, so old exports rebuild instead of misleading
 
 
 class ArtifactError(DitexportError):
@@ -33,9 +33,13 @@ class ArtifactError(DitexportError):
 
 # ------------------------------------------------------------------------------------------- names
 
+# Graph -> the stem of its files: its ONNX graphs (one per precision) and its TensorRT plans.
+GRAPH_STEMS = {"xty": "model", "cond": "cond"}
+
+
 def onnx_filename(graph: str = "xty", precision: str = "fp32") -> str:
     """model.onnx, model.fp16.onnx, cond.onnx, cond.fp16.onnx (fp32 carries no suffix)."""
-    base = {"xty": "model", "cond": "cond"}[graph]
+    base = GRAPH_STEMS[graph]
     return f"{base}.onnx" if precision == "fp32" else f"{base}.{precision}.onnx"
 
 
@@ -267,9 +271,17 @@ class ExportEntry:
         return bool((self.manifest.get("validation") or {}).get("passed"))
 
     def graph_path(self, graph: str = "xty", precision: str = "fp32") -> Path | None:
-        """The ONNX file of a graph and precision, when this export has it."""
-        name = onnx_filename(graph, precision)
-        return self.path / name if name in self.manifest.get("files", {}) else None
+        """The ONNX file of a graph and precision, when this export has it (as its manifest records it)."""
+        files = self.manifest.get("files", {})
+        for entry in self.manifest.get("graphs", []):
+            if entry.get("graph") == graph and entry.get("precision") == precision and entry.get("file") in files:
+                return self.path / entry["file"]
+        return None
+
+    def graph_paths(self, graph: str = "xty") -> dict[str, Path]:
+        """Precision -> ONNX file of a graph, for every precision this export has."""
+        found = {p: self.graph_path(graph, p) for p in ("fp32", "fp16")}
+        return {p: path for p, path in found.items() if path is not None}
 
 
 def list_exports(root: str | Path = EXPORTS_ROOT) -> list[ExportEntry]:

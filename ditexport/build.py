@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import artifacts, locking, verification
-from .artifacts import ArtifactError, onnx_filename
+from .artifacts import GRAPH_STEMS, ArtifactError, onnx_filename
 from .hashing import sha256_file
 from .errors import DitexportError
 from .engine.profile import DEFAULT_MAX_BATCH_IMAGES, BatchProfile
@@ -19,6 +19,9 @@ from .export import DEFAULT_OPSET, GRAPHS, PRECISIONS, export_graphs, io_spec
 from .model import DiT, DiTConfig
 from .progress import heartbeat
 from .source import ModelSource
+from .logs import get_logger
+
+LOG = get_logger("build")
 
 
 def parse_precisions(text: str) -> tuple[str, ...]:
@@ -74,7 +77,7 @@ def build_inputs(config: DiTConfig, source: dict, precisions, max_images: int, o
             "tools": artifacts.tool_versions()}
 
 
-def up_to_date(export_dir: Path, inputs: dict, log=print) -> str | None:
+def up_to_date(export_dir: Path, inputs: dict, log=LOG.info) -> str | None:
     """Why the export in `export_dir` can be reused (None when it must be rebuilt)."""
     try:
         manifest = artifacts.read_manifest(export_dir)
@@ -117,18 +120,15 @@ def _check_free_space(export_dir: Path, model: DiT, precisions, reclaimed: int =
 
 def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log, rebuild_command: str | None = None) -> dict:
     """TensorRT engines from the fp16 graphs (fp32 when fp16 is not built), where TensorRT and a GPU exist."""
-    try:
-        from . import engine
-    except ImportError:
-        reason = "the TensorRT stage (ditexport.engine) is not part of this installation"
-    else:
-        reason = engine.tensorrt_unavailable_reason()
+    from . import engine
+
+    reason = engine.tensorrt_unavailable_reason()
     if reason:
         log(f"engine: skipped — {reason}")
         return {"status": "skipped", "reason": reason}
     precision = "fp16" if "fp16" in precisions else "fp32"
     plans = {}
-    for graph, stem in (("xty", "model"), ("cond", "cond")):
+    for graph, stem in GRAPH_STEMS.items():
         onnx_path = export_dir / onnx_filename(graph, precision)
         plan_path = engine.plan_path_for(export_dir, stem)
         start = time.perf_counter()
@@ -144,7 +144,7 @@ def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log, rebu
 def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions=PRECISIONS,
                  max_images: int = DEFAULT_MAX_BATCH_IMAGES, opset: int | None = None, force: bool = False,
                  sample_steps: int | None = None, model_name: str = "", rebuild_command: str | None = None,
-                 build_flags: list[str] | None = None, wait: bool = True, log=print) -> int:
+                 build_flags: list[str] | None = None, wait: bool = True, log=LOG.info) -> int:
     """Export -> validate -> engine; returns the exit code (0 passed or up to date, 1 validation failed).
 
     Holds the export directory's build lock throughout (another build waits, or with wait=False is refused);
@@ -211,11 +211,9 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
             "name": export_dir.name,
             "model": source.get("model"),
             "source": source,
-            "checkpoint": source.get("checkpoint"),
             "config": model.config.to_dict(),
             "build_flags": list(build_flags or []),
             "inputs": inputs,
-            "tools": inputs["tools"],
             "io_spec": io_spec(model.config, max_images, opset),
             "graphs": [{"graph": g, "precision": p, "file": path.name} for (g, p), path in paths.items()],
             "files": files,
@@ -248,7 +246,7 @@ def _check_engines(export_dir: Path, model: DiT, report, log) -> None:
 
     report.tensorrt = tensorrt_parity(export_dir, model, log=log)
     artifacts.atomic_write_json(export_dir / artifacts.REPORT_NAME, report.to_dict())
-    print(report.format())
+    log(report.format())
 
 
 def _add_missing_engines(export_dir: Path, model: DiT, precisions, profile: BatchProfile, log,
@@ -276,14 +274,14 @@ def _validate_and_report(export_dir: Path, model: DiT, model_name: str, sample_s
     report = validate_export(export_dir, model, model_name=model_name, sample_steps=sample_steps, opset=opset,
                              log=log)
     artifacts.atomic_write_json(export_dir / artifacts.REPORT_NAME, report.to_dict())
-    print(report.format())
+    log(report.format())
     return report
 
 
 # ---------------------------------------------------------------------------------------- validate
 
 def revalidate(export_dir: str | Path, *, sample_steps: int | None = None, rebuild: str | None = None,
-               wait: bool = True, log=print) -> int:
+               wait: bool = True, log=LOG.info) -> int:
     """Re-runs validation of an existing export against the model it came from; updates report and manifest.
 
     Refuses up front, in one line, an export it could not write its report into (before minutes of work).
@@ -344,7 +342,7 @@ def open_export(export_dir: str | Path, config: DiTConfig | None, open_files: li
 
 
 def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_name: str = "",
-                  sample_steps: int | None = None, log=print) -> tuple[Path, dict]:
+                  sample_steps: int | None = None, log=LOG.info) -> tuple[Path, dict]:
     """The validated export of `model` in `export_dir`, as `build` makes it, built there first when there is none.
 
     An existing export is reused whatever options built it; one of another config or other weights, or one

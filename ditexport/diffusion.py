@@ -162,7 +162,7 @@ class GaussianDiffusion:
 
     # -- training ------------------------------------------------------------------------------
 
-    def training_losses(self, model, x_start, t, noise=None, model_kwargs=None):
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
         """Epsilon MSE plus, for a learned variance, the variational-bound term (official "mse + vb")."""
         model_kwargs = model_kwargs or {}
         noise = torch.randn_like(x_start) if noise is None else noise

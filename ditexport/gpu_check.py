@@ -22,6 +22,9 @@ from .backends.base import synchronize
 from .errors import summary
 from .errors import DitexportError
 from .export import TOLERANCE
+from .logs import get_logger
+
+LOG = get_logger("gpu_check")
 
 if TYPE_CHECKING:
     from .bench import BenchContext
@@ -94,7 +97,7 @@ def _load(name: str):
 
 
 def _subject(name: str, device: torch.device, out_dir: Path, level: int, log) -> _Subject:
-    from .backends import TorchBackend
+    from .backends.open import open_backend
     from .bench import BenchContext, BenchSettings, forward_inputs
 
     model, size = _load(name)
@@ -103,7 +106,7 @@ def _subject(name: str, device: torch.device, out_dir: Path, level: int, log) ->
     allowed = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with TorchBackend(copy.deepcopy(model), device, torch.float32) as reference:
+        with open_backend("torch", "fp32", model=copy.deepcopy(model), device=device) as reference:
             expected = reference(*inputs)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allowed
@@ -127,11 +130,11 @@ def _subject(name: str, device: torch.device, out_dir: Path, level: int, log) ->
 
 def _make_backend(subject: _Subject, path: str, device: torch.device):
     """The backend of a path: fp16 torch eager here, the others as `bench` makes them (Skip when absent)."""
-    from .backends import TorchBackend
+    from .backends.open import open_backend
     from .bench import make_bench_backend
 
     if path == "torch-eager":
-        return TorchBackend(copy.deepcopy(subject.model), device, torch.float16)
+        return open_backend("torch", "fp16", model=copy.deepcopy(subject.model), device=device)
     return make_bench_backend(subject.context, path)
 
 
@@ -223,7 +226,7 @@ def check_row(subject: _Subject, path: str, device: torch.device, deadline: floa
 
 def run_rows(device: torch.device | str = "cuda", *, models=MODELS, paths=PATHS, out_dir: str | Path = "exports/gpu-check",
              budget_s: float = BUDGET_S, sample_steps: int = 250, builder_optimization_level: int = 2,
-             log=print) -> list[CheckRow]:
+             log=LOG.info) -> list[CheckRow]:
     """Every path on every model within `budget_s`; rows that cannot start in time say so."""
     device = torch.device(device)
     deadline = time.perf_counter() + budget_s
@@ -281,7 +284,7 @@ def environment_line(device: torch.device) -> str:
 
 
 def gpu_check(out_dir: str | Path = "exports/gpu-check", *, models=MODELS, budget_s: float = BUDGET_S,
-              builder_optimization_level: int = 2, log=print) -> int:
+              builder_optimization_level: int = 2, log=LOG.info) -> int:
     """The `gpu-check` command: the rows, a JSON beside the exports, the table last; 0 when every row passed."""
     from .artifacts import atomic_write_json
 

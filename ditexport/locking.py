@@ -17,6 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import DitexportError
+from .logs import get_logger
+
+LOG = get_logger("locking")  # a wait on a lock is a warning: it explains a stall, so -q still shows it
 
 LOCK_NAME = "build.lock"  # not a dot file: temporaries are the only dot files a build leaves, and only when it crashes
 TEMP_PREFIX = ".tmp-"
@@ -116,7 +119,7 @@ def _holder(directory: Path) -> str:
 
 
 @contextmanager
-def build_lock(directory: str | Path, wait: bool = True, log=print):
+def build_lock(directory: str | Path, wait: bool = True, log=LOG.warning):
     """Holds the exclusive lock of an export directory for a build; waits for another build (saying so) or,
     with wait=False, refuses in one line. Yields whether the lock is held (False: the directory is read-only)."""
     directory = Path(directory)
@@ -149,7 +152,7 @@ def mark_writer(directory: str | Path) -> None:
 
 
 @contextmanager
-def read_lock(directory: str | Path, log=print):
+def read_lock(directory: str | Path, log=LOG.warning):
     """Holds the shared lock of an export directory while a reader checks and opens its files; a build in
     progress is waited for (saying so)."""
     directory = Path(directory)

@@ -22,6 +22,9 @@ from .errors import DitexportError
 from .export import TOLERANCE  # the DiT's tolerances, against the torch fp32 decoder
 from .pipeline import VAE_SCALE
 from .validate import relative_error
+from .logs import get_logger
+
+LOG = get_logger("vae")
 
 INPUT_NAME = "latents"
 OUTPUT_NAME = "images"
@@ -192,7 +195,7 @@ def validate_vae_decoder(vae, onnx_path: str | Path, *, precision: str, latent_s
 # ---------------------------------------------------------------------------------------- the whole stage
 
 def export_vae(vae_dir: str | Path, out_dir: str | Path, *, latent_size: int, precisions=VAE_PRECISIONS,
-               opset: int | None = None, log=print) -> dict:
+               opset: int | None = None, log=LOG.info) -> dict:
     """Loads the VAE, exports and validates each precision.
 
     Writes `vae.onnx`, `vae.fp16.onnx` and `vae_report.json` into `out_dir`; returns the report, whose

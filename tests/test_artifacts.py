@@ -40,7 +40,8 @@ def test_manifest_round_trip_and_listing(tmp_path):
     for d in (complete, incomplete, broken):
         d.mkdir()
     (complete / "model.onnx").write_bytes(b"graph")
-    manifest = {"config": {"depth": 2}, "files": {"model.onnx": file_record(complete / "model.onnx")}}
+    manifest = {"config": {"depth": 2}, "files": {"model.onnx": file_record(complete / "model.onnx")},
+                "graphs": [{"graph": "xty", "precision": "fp32", "file": "model.onnx"}]}
     write_manifest(complete, manifest)
     (incomplete / "model.onnx").write_bytes(b"graph")  # no manifest: an interrupted build
     (broken / "manifest.json").write_text("{not json")

@@ -40,7 +40,7 @@ def test_build_writes_a_validated_export_with_its_manifest(built):
     assert manifest["validation"]["passed"] is True
     assert manifest["io_spec"]["batch_profile"] == {"min": 1, "opt": 8, "max": 8}
     assert manifest["io_spec"]["opset"] == 18
-    assert manifest["tools"]["onnxruntime"] and manifest["tools"]["torch"]
+    assert manifest["inputs"]["tools"]["onnxruntime"] and manifest["inputs"]["tools"]["torch"]
     assert manifest["engine"]["status"] == "skipped" and manifest["engine"]["reason"]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True

@@ -209,7 +209,7 @@ def test_training_loss_terms():
     t = torch.tensor([0, 10, 500, 999])
     y = torch.tensor([0, 1, 2, 3])
     noise = torch.randn_like(x0)
-    terms = d.training_losses(model, x0, t, noise, model_kwargs={"y": y})
+    terms = d.training_losses(model, x0, t, model_kwargs={"y": y}, noise=noise)
     assert set(terms) == {"loss", "mse", "vb"} and terms["loss"].shape == (4,)
     assert torch.allclose(terms["loss"], terms["mse"] + terms["vb"])
     eps = model(d.q_sample(x0, t, noise), t, y)[:, :1]
@@ -221,7 +221,7 @@ def test_vb_term_gradient_reaches_only_the_variance_channels():
     d = create_diffusion("")
     out = torch.randn(2, 2, 4, 4, requires_grad=True)
     x0 = torch.rand(2, 1, 4, 4) * 2 - 1
-    terms = d.training_losses(lambda x, t: out, x0, torch.tensor([3, 600]), torch.randn(2, 1, 4, 4))
+    terms = d.training_losses(lambda x, t: out, x0, torch.tensor([3, 600]), noise=torch.randn(2, 1, 4, 4))
     terms["vb"].sum().backward()
     assert out.grad[:, 0].abs().sum() == 0 and out.grad[:, 1].abs().sum() > 0
 

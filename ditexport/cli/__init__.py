@@ -9,6 +9,7 @@ import os
 import sys
 
 from ..errors import DitexportError, one_line
+from ..logs import configure as configure_logging
 from .commands import train_digits_out
 from .parser import SAMPLERS, build_parser
 
@@ -24,6 +25,7 @@ USER_ERRORS = (DitexportError, OSError)
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(args.verbose - args.quiet)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

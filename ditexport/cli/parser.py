@@ -85,6 +85,7 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m ditexport",
                             description="Export, validate, compile and serve class-conditional DiTs.")
+    add_verbosity_arguments(parser, default=0)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="versions, devices and the model registry")
@@ -114,7 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png", help="output PNG (default: samples.png)")
     p.add_argument("--npz", default=None, metavar="PATH",
                    help="also write the samples for FID as the official sample_ddp.py: arr_0, N x H x W x C uint8")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_threads_argument(p)
     p.set_defaults(func=cmd_sample)
 
@@ -147,7 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite-builtin", action="store_true",
                    help="write into the package's ditexport/zoo/digits, replacing the shipped weights")
     add_threads_argument(p)  # results are bit-identical only for the same thread count
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_digits)
 
     p = sub.add_parser("eval", help="measure a digits model: class agreement and Fréchet distance",
@@ -164,7 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default: cpu)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this path")
     add_threads_argument(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmark every backend this machine has",
@@ -264,4 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_argument(p)
     p.add_argument("--no-wait", action="store_true", help="refuse instead of waiting while a build writes the export")
     p.set_defaults(func=cmd_validate)
+    for command in sub.choices.values():  # -v/-q also after the sub-command
+        add_verbosity_arguments(command, default=argparse.SUPPRESS)
     return parser
+
+
+def add_verbosity_arguments(p: argparse.ArgumentParser, default) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("-v", "--verbose", action="count", default=default, help="more detail (debug lines)")
+    g.add_argument("-q", "--quiet", action="count", default=default, help="no progress bars; warnings and errors only")

@@ -41,90 +41,24 @@ def cmd_info(args) -> int:
 
 # --------------------------------------------------------------------------------------------- sample
 
-def make_tensorrt_backend(args, model):
-    """`--backend tensorrt`: this machine's plan (and cond plan, if built) from the export directory."""
-    from ..backends.tensorrt_backend import TensorRTBackend
-    from ..build import open_export
-    from ..engine import EngineError, current_environment, find_plan, tensorrt_unavailable_reason
-    from ..locking import read_lock
-
-    reason = tensorrt_unavailable_reason(for_build=False)
-    if reason:
-        raise EngineError(f"the tensorrt backend is unavailable: {reason}")
-    export_dir = export_dir_of(args)
-    with read_lock(export_dir):
-        open_export(export_dir, model.config, [], rebuild_hint(args, export_dir))  # validated, from this model
-        device = resolve_device("cuda" if args.device in ("cpu", "auto") else args.device)
-        env = current_environment(device)  # the plan for the GPU asked for (cuda:N), not the current one
-        plan = find_plan(export_dir, environment=env)
-        try:
-            cond_plan = find_plan(export_dir, stem="cond", environment=env)
-        except EngineError:
-            cond_plan = None  # the conditioning-vector engine is optional
-        # The plans are checked against the SHA-256 in their metadata as they load.
-        return TensorRTBackend(plan, model.config, cond_plan_path=cond_plan, max_batch=args.max_batch,
-                               device=device)
-
-
-def make_onnxruntime_backend(args, model):
-    """`--backend onnxruntime`: the validated export of this model (--export-dir, or exports/<name>), its
-    graphs checked against the manifest's SHA-256 before ONNX Runtime opens them."""
-    from ..artifacts import rebuild_command
-    from ..backends.onnxruntime_backend import OnnxRuntimeBackend
-    from ..build import open_export
-    from ..locking import read_lock
-    from ..verification import verify_export
-
-    export_dir = export_dir_of(args)
-    hint = rebuild_hint(args, export_dir)
-    precision = getattr(args, "precision", "fp32")
-    with read_lock(export_dir):  # a build writing the export is waited for, then its result is read
-        if not (export_dir / "manifest.json").is_file():
-            command = (hint or rebuild_command(export_dir)).removesuffix(" --force")
-            raise DitexportError(f"no ONNX export in {export_dir}; build it first with: {command}")
-        entry = open_export(export_dir, model.config, [], hint)
-        onnx_path, cond_path = entry.graph_path("xty", precision), entry.graph_path("cond", precision)
-        if onnx_path is None:
-            raise DitexportError(f"the export in {export_dir} has no {precision} graph; rebuild it with "
-                                 f"--precision fp32,{precision}")
-        verify_export(export_dir, [p for p in (onnx_path, cond_path) if p is not None], rebuild=hint)
-        return OnnxRuntimeBackend(onnx_path, model.config, max_batch=args.max_batch, cond_path=cond_path)
-
-
 def make_backend(args, model):
-    """The backend named by --backend, for `sample` and `bench`."""
-    import torch
+    """The backend named by --backend, for `sample`: the model itself, or its validated export (--export-dir,
+    or exports/<name>)."""
+    from ..backends.open import open_backend
 
-    from ..backends import TorchBackend
-
-    if args.backend == "torch":
-        device = resolve_device(args.device)
-        dtype = torch.float16 if (args.precision == "fp16") else torch.float32
-        return TorchBackend(model, device=device, dtype=dtype, max_batch=args.max_batch,
-                            cuda_graph=getattr(args, "cuda_graph", False),
-                            compile_mode=getattr(args, "torch_compile", None))
-    if args.backend == "tensorrt":
-        return make_tensorrt_backend(args, model)
-    if args.backend == "onnxruntime":
-        return make_onnxruntime_backend(args, model)
-    raise DitexportError(f"backend {args.backend!r} is not available in this build")
+    export_dir = None if args.backend == "torch" else export_dir_of(args)
+    return open_backend(args.backend, getattr(args, "precision", "fp32"), model=model, export_dir=export_dir,
+                        device=args.device, max_batch=args.max_batch, cuda_graph=getattr(args, "cuda_graph", False),
+                        compile_mode=getattr(args, "torch_compile", None),
+                        rebuild_hint=rebuild_hint(args, export_dir) if export_dir is not None else None)
 
 
 def check_backend_available(args) -> None:
-    """The cheap checks of --backend, --device and --precision, made before the model is built (which takes
-    DiT-XL/2 about 25 s), so that a missing runtime or GPU is refused at once."""
-    if args.backend == "tensorrt":
-        from ..engine import EngineError, tensorrt_unavailable_reason
+    """The cheap checks of --backend, --device and --precision, made before the model is built."""
+    from ..backends.open import check_available
 
-        reason = tensorrt_unavailable_reason(for_build=False)
-        if reason:
-            raise EngineError(f"the tensorrt backend is unavailable: {reason}")
-    elif args.backend == "onnxruntime":
-        from ..backends.onnxruntime_backend import default_providers
-
-        default_providers()  # the one-line "pip install onnxruntime" error where it is missing
-    elif args.backend == "torch":
-        resolve_device(args.device)  # a missing GPU is refused at once
+    check_device_name(args.device)
+    check_available(args.backend, args.device)
 
 
 def cmd_sample(args) -> int:
@@ -186,7 +120,7 @@ def cmd_sample(args) -> int:
 
 def cmd_eval(args) -> int:
     from ..artifacts import atomic_write_json
-    from ..backends import TorchBackend
+    from ..backends.open import open_backend
     from ..source import ModelSource
     from ..zoo.digits_eval import evaluate_digits
 
@@ -194,7 +128,7 @@ def cmd_eval(args) -> int:
     resolved = ModelSource.resolve(args.model, args.checkpoint, args.config)
     model, source = resolved.load(), resolved.describe()
     threads = set_threads(args, model.config.hidden_size)
-    backend = TorchBackend(model, device=device)
+    backend = open_backend("torch", model=model, device=device)
     unguided = "" if args.cfg_scale == 1 else " and without"
     print(f"model: {source}; backend: {backend.describe()}, {threads}; {args.num_per_class} digits per class, "
           f"{args.steps} {args.sampler} steps, with guidance {args.cfg_scale:g}{unguided}")

@@ -23,6 +23,9 @@ from .plans import (METADATA_FORMAT, MIN_TENSORRT_VERSION, REBUILD_COMMAND, TENS
                     tensorrt_unavailable_reason, tensorrt_version_problem, timing_cache_filename, verify_plan_file)
 from .profile import (DEFAULT_MAX_BATCH_IMAGES, BatchProfile, batch_profiles, engine_profile, profile_for_batch,
                       profile_shapes)
+from ..logs import get_logger
+
+LOG = get_logger("engine")
 
 __all__ = ["BatchProfile", "DEFAULT_MAX_BATCH_IMAGES", "EngineError", "METADATA_FORMAT", "MIN_TENSORRT_VERSION",
            "REBUILD_COMMAND", "TENSORRT_INSTALL_HINT", "batch_profiles", "build_engine", "check_engine_compatibility",
@@ -164,7 +167,7 @@ def load_engine(plan_path: str | Path, *, verify: bool = True, onnx_path: str | 
     meta = read_engine_metadata(plan_path)
     with _device_scope(device):
         for warning in check_engine_compatibility(meta, current_environment(device), plan_path.name):
-            print(f"warning: {warning}")
+            LOG.warning(f"warning: {warning}")
         if verify:
             verify_plan_file(plan_path, meta)
         if onnx_path is not None:

@@ -27,6 +27,9 @@ from .save import clean_up, initializer_bytes, save_onnx
 from .spec import (DEFAULT_OPSET, DIAGNOSTIC_PRECISIONS, EXTERNAL_DATA_THRESHOLD, GRAPHS, ONNX_ATTENTION_OPSET,
                    PRECISIONS, TOLERANCE, ExportError, GraphSpec, TensorSpec, attention_mode, graph_spec, io_spec)
 from .trace import _torch_to_onnx, release_memory
+from ..logs import get_logger
+
+LOG = get_logger("export")
 
 __all__ = ["DEFAULT_OPSET", "DIAGNOSTIC_PRECISIONS", "EXTERNAL_DATA_THRESHOLD", "FP16_POLICY_TEXT", "GRAPHS",
            "ONNX_ATTENTION_OPSET", "PRECISIONS", "TOLERANCE", "ExportError", "GraphSpec", "TensorSpec",
@@ -83,7 +86,7 @@ def export_onnx(model: DiT, path: str | Path, *, precision: str = "fp32", graph:
 
 def export_graphs(model: DiT, out_dir: str | Path, *, precisions=PRECISIONS, graphs=GRAPHS,
                   opset: int | None = None, batch: int = 2,
-                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, log=print) -> dict[tuple[str, str], Path]:
+                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, log=LOG.info) -> dict[tuple[str, str], Path]:
     """Every (graph, precision) into `out_dir` under the layout's file names, tracing each graph once.
 
     The fp16 graph is derived from the saved fp32 graph rather than from a copy in memory, so at most one

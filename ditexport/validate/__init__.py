@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..artifacts import onnx_filename, scratch_dir
+from ..artifacts import GRAPH_STEMS, onnx_filename, scratch_dir
 from ..errors import DitexportError
 from ..export import GRAPHS, PRECISIONS, TOLERANCE, emulate_fp16, emulated_copy
 from ..model import DiT
@@ -30,6 +30,9 @@ from .report import ValidationReport, report_differences
 from .samples import SampleCheck, _is_digits_config, sample_parity
 from .stress import stress_check
 from .tensors import GraphCheck, check_graph, graph_feed, locate_drift, reference_output
+from ..logs import get_logger
+
+LOG = get_logger("validate")
 
 __all__ = ["CLASS_AGREEMENT_FLOOR", "DEFAULT_BATCHES", "FP16_MAX", "SAMPLE_PSNR_FLOOR", "GraphCheck", "SampleCheck",
            "ValidationReport", "check_graph", "emulate_fp16", "emulated_copy", "graph_feed", "locate_drift",
@@ -40,7 +43,7 @@ __all__ = ["CLASS_AGREEMENT_FLOOR", "DEFAULT_BATCHES", "FP16_MAX", "SAMPLE_PSNR_
 
 def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "", batches=DEFAULT_BATCHES,
                     sample_steps: int | None = None, sample_images: int | None = None, stress: bool = True,
-                    opset: int | None = None, providers: list[str] | None = None, log=print) -> ValidationReport:
+                    opset: int | None = None, providers: list[str] | None = None, log=LOG.info) -> ValidationReport:
     """Validates every graph present in `export_dir` against `model`; see the module docstring."""
     import onnxruntime
 
@@ -101,7 +104,7 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
     return report
 
 
-def tensorrt_parity(export_dir: str | Path, model: DiT, *, batches=DEFAULT_BATCHES, log=print) -> dict:
+def tensorrt_parity(export_dir: str | Path, model: DiT, *, batches=DEFAULT_BATCHES, log=LOG.info) -> dict:
     """ONNX Runtime vs this machine's TensorRT engines in the export, side by side in Polygraphy's Comparator.
 
     Each engine is compared with the ONNX graph it was built from, at `batches`, within that graph's
@@ -114,7 +117,7 @@ def tensorrt_parity(export_dir: str | Path, model: DiT, *, batches=DEFAULT_BATCH
         return {"status": "skipped", "reason": reason}
     export_dir = Path(export_dir)
     rows = []
-    for graph, stem in (("xty", "model"), ("cond", "cond")):
+    for graph, stem in GRAPH_STEMS.items():
         plan = engine.plan_path_for(export_dir, stem)
         if not plan.is_file():
             continue

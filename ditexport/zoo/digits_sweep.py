@@ -9,8 +9,11 @@ import statistics
 from dataclasses import asdict, dataclass
 
 from .digits_eval import DigitsReference, evaluate_digits
+from ..logs import get_logger
 
-# The issue's settings: today's reference, the official DDIM, and DPM-Solver++ over the range diffusers users run.
+LOG = get_logger("zoo")
+
+# The settings compared: today's reference, the official DDIM, and DPM-Solver++ over the range diffusers users run.
 SWEEP_SETTINGS = (("ddpm", 250), ("ddim", 50), ("dpmpp-2m", 10), ("dpmpp-2m", 15), ("dpmpp-2m", 20),
                   ("dpmpp-2m", 25), ("dpmpp-2m", 50))
 SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp-2m": "DPM-Solver++ 2M"}
@@ -52,7 +55,7 @@ def within_noise(row: SweepRow, reference: SweepRow, num_samples: int) -> bool:
 
 
 def sweep_quality(backend, settings=SWEEP_SETTINGS, seeds=(0,), num_per_class: int = 100,
-                  guidance_scale: float = 4.0, reference: DigitsReference | None = None, log=print) -> list[SweepRow]:
+                  guidance_scale: float = 4.0, reference: DigitsReference | None = None, log=LOG.info) -> list[SweepRow]:
     """Scores every (sampler, steps) setting with `guidance_scale` and unguided, once per seed."""
     reference = reference or DigitsReference()
     rows: dict[tuple, SweepRow] = {}

@@ -3,9 +3,9 @@
 Every variant is timed in interleaved rounds (A, B, C, A, B, C, ...) on the same inputs, so a busy machine
 slows them alike and the ratios stay meaningful; the median over all timed calls is reported.
 
-    python -m ditexport.cpu_bench compare --models DiT-S/2,DiT-B/2 --batch 4
-    python -m ditexport.cpu_bench options --model DiT-S/2      # opset, optimisation level, threads, fusions
-    python -m ditexport.cpu_bench errors --models DiT-S/2,DiT-B/2,DiT-L/2,DiT-XL/2
+    python benchmarks/cpu_bench.py compare --models DiT-S/2,DiT-B/2 --batch 4
+    python benchmarks/cpu_bench.py options --model DiT-S/2      # opset, optimisation level, threads, fusions
+    python benchmarks/cpu_bench.py errors --models DiT-S/2,DiT-B/2,DiT-L/2,DiT-XL/2
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .export import DEFAULT_OPSET, export_graphs, export_onnx, graph_spec
-from .model import DiT, create_model, get_config
-from .progress import heartbeat
+from ditexport.export import DEFAULT_OPSET, export_graphs, export_onnx, graph_spec
+from ditexport.model import DiT, create_model, get_config
+from ditexport.progress import heartbeat
 
 
 def time_interleaved(variants: dict[str, callable], rounds: int = 5, calls: int = 2, warmup: int = 1,
@@ -56,7 +56,7 @@ def _torch_call(model: DiT, feed):
 
 
 def _ort_call(path: Path, feed, threads: int | None = None, optimization: str = "all"):
-    from .backends.onnxruntime_backend import load_session
+    from ditexport.backends.onnxruntime_backend import load_session
 
     session = load_session(path, ["CPUExecutionProvider"], threads=threads, optimization=optimization)
     arrays = {k: v.numpy() for k, v in feed.items()}
@@ -137,7 +137,7 @@ def compare_options(model_name: str = "DiT-S/2", batch: int = 4, image_size: int
 def fp16_errors(model_names=("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"), batch: int = 2, image_size: int = 256,
                 log=print) -> list[dict]:
     """Rel error and max abs of the fp16 graph (emulated on the CPU) and the fp32 graph vs torch fp32, per size."""
-    from .validate import check_graph
+    from ditexport.validate import check_graph
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="ditexport-errors-") as tmp:
@@ -160,7 +160,7 @@ def fp16_errors(model_names=("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"), batch
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ditexport.cpu_bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/cpu_bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("compare", "options", "errors"))
     parser.add_argument("--models", default=None, help="comma-separated config names")
     parser.add_argument("--model", default="DiT-S/2", help="config for `options`")
