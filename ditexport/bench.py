@@ -162,7 +162,7 @@ def sampler_step_ms(cfg: DiTConfig, batch: int, guided: bool, device: torch.devi
 
     The slope between two runs removes one-off costs; the per-step noise transfer stays in, as in real use.
     """
-    from .diffusion import Sampler, SamplerConfig
+    from .sampler import Sampler, SamplerConfig
 
     images = batch // 2 if guided else batch
     labels = torch.zeros(images, dtype=torch.int64)
@@ -445,7 +445,7 @@ def _measure_backend(backend, name, rows, ctx: BenchContext, report: dict, log) 
 
 def _end_to_end(backend, name: str, ctx: BenchContext, report: dict) -> dict:
     """One real guided sample of one image, timed whole, next to what the per-forward numbers predict."""
-    from .diffusion import Sampler, SamplerConfig
+    from .sampler import Sampler, SamplerConfig
 
     cfg, steps, device = ctx.model.config, ctx.settings.sample_steps, backend.device
     sampler = Sampler(SamplerConfig(num_steps=steps), cfg.in_channels, cfg.num_classes, cfg.learn_sigma)

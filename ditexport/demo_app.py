@@ -20,7 +20,7 @@ import torch
 
 from .backends.base import Backend
 from .class_names import class_label, class_names
-from .diffusion import SAMPLING_METHODS, SamplerConfig
+from .sampler import SAMPLING_METHODS, SamplerConfig
 from .errors import DitexportError
 from .model import DIT_CONFIGS, DiT, DiTConfig
 from .pipeline import IdentityDecoder, Pipeline, SampleResult

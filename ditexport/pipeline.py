@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 
 from .backends.base import Backend, synchronize
-from .diffusion import Sampler, SamplerConfig
+from .sampler import Sampler, SamplerConfig
 
 VAE_SCALE = 0.18215  # the SD VAE latent scale used by DiT
 # Images sampled together (and noised from one generator). Fixed, not the backend's max batch, so a request
