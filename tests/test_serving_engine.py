@@ -103,3 +103,19 @@ def test_torch_cpu_forward_is_batch_invariant_from_four_rows(backend):
     smallest = 1 if backend.name == "onnxruntime" else TORCH_CPU_INVARIANT_ROWS
     for n in range(smallest, 9):
         assert torch.equal(backend(x[:n], t[:n], y[:n]), full[:n]), n
+
+
+def test_request_level_batching_admits_only_into_an_empty_batch(backend):
+    """join=False (the benchmark's @serve.batch baseline): a request arriving mid-chain waits for the batch to
+    finish, so the forwards are the sum of the two chains, not their overlap."""
+    engine = BatchingEngine(backend)
+    first = engine.submit(make_request([1], 1, dict(method="ddim", num_steps=5, guidance_scale=1.0)))
+    engine.step()
+    second = engine.submit(make_request([2], 2, dict(method="ddim", num_steps=3, guidance_scale=1.0)))
+    engine.step(admit=False)
+    assert engine.queue_depth == 1 and engine.running_images == 1
+    engine.run_until_idle(join=False)
+    assert engine.steps_run == 5 + 3
+    lone = Pipeline(backend)([2], seed=2, sampler_cfg=SamplerConfig(method="ddim", num_steps=3, guidance_scale=1.0),
+                             progress=False)
+    assert first.done() and torch.equal(second.result(timeout=0).images, lone.images)

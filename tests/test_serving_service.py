@@ -133,3 +133,22 @@ def test_models_describes_the_served_export(service, digits_export):
     assert status == 200 and model["name"] == "digits" and model["backend"] == "onnxruntime"
     assert model["precision"] == "fp32" and model["validation"]["passed"] is True
     assert model["export_dir"] == str(digits_export)
+
+
+def test_the_readme_curl_example_answers(service):
+    """The README's `curl` line, sent as the same HTTP request to this module's service."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln.strip() for ln in readme.splitlines() if ln.strip().startswith("curl ") and "/v1/images" in ln)
+    args = shlex.split(line)
+    url, body = next(a for a in args if a.startswith("http")), args[args.index("-d") + 1]
+    assert args[args.index("-X") + 1] == "POST" and re.fullmatch(r"http://127\.0\.0\.1:8000/v1/images", url)
+    status, _, answer = call(service + "/v1/images", body.encode())
+    sent = json.loads(body)
+    assert status == 200 and len(answer["images"]) == len(sent["class_labels"])
+    assert (answer["seed"], answer["steps"], answer["sampler"]) == (sent["seed"], sent["steps"], sent["sampler"])
+    assert set(answer["timings"]) >= {"queued_s", "sampling_s", "total_s"}
+    assert pixels(answer["images"][0]).shape[:2] == (8, 8)

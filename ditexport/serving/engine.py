@@ -176,10 +176,14 @@ class BatchingEngine:
     # -- running -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self) -> int:
-        """One step boundary and one forward for every running request; returns how many are still running."""
+    def step(self, admit: bool = True) -> int:
+        """One step boundary (waiting requests join unless `admit` is False) and one forward for every running
+        request; returns how many are still running."""
         with self._lock:
-            self._admit()
+            if admit:
+                self._admit()
+            else:
+                self._running = [r for r in self._running if not r.future.cancelled()]
             running = list(self._running)
         if not running:
             return 0
@@ -221,9 +225,10 @@ class BatchingEngine:
         except InvalidStateError:
             pass
 
-    def run_until_idle(self) -> None:
-        """Steps until nothing waits or runs (for tests and benchmarks without a thread)."""
-        while self.step() or self._waiting:
+    def run_until_idle(self, join: bool = True) -> None:
+        """Steps until nothing waits or runs (without the thread). With `join` False, requests join only when
+        the batch is empty: request-level batching, each group run to its end before the next is admitted."""
+        while self.step(admit=join or not self._running) or self._waiting:
             pass
 
     def start(self) -> None:

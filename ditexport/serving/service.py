@@ -30,6 +30,10 @@ class ServeSettings:
     max_images: int = 16
     max_steps: int = 1000
     max_guidance: float = 20.0
+    # "continuous": requests join and leave the running batch at every step (the service);
+    # "request-batch": Ray Serve's @serve.batch groups requests that arrive together and runs each group to the
+    # end before the next starts; "single": one request at a time. The last two are the load benchmark's baselines.
+    mode: str = "continuous"
 
 
 def build_app(settings: ServeSettings, num_replicas: int = 1):
@@ -58,9 +62,12 @@ def build_app(settings: ServeSettings, num_replicas: int = 1):
             self.info = model_info(s.export_dir, backend)
             self.names = class_names(backend.config.num_classes, self.info["models"][0]["name"])
             self.num_classes = backend.config.num_classes
-            self.engine = BatchingEngine(backend, max_queue=s.max_queue, max_running_images=s.max_running_images,
+            running = 1 if s.mode == "single" else s.max_running_images  # "single": one request runs at a time
+            self.engine = BatchingEngine(backend, max_queue=s.max_queue, max_running_images=running,
                                          limits=ServeLimits(s.max_steps, s.max_images, s.max_guidance))
-            self.engine.start()
+            self.mode = s.mode
+            if s.mode != "request-batch":
+                self.engine.start()
             self.queue_depth = metrics.Gauge("ditexport_queue_depth", description="requests waiting to join")
             self.running = metrics.Gauge("ditexport_running_images", description="images in the running batch")
             self.latency = metrics.Histogram("ditexport_request_latency_s", description="POST /v1/images, seconds",
@@ -68,6 +75,13 @@ def build_app(settings: ServeSettings, num_replicas: int = 1):
 
         def __del__(self):
             self.engine.stop()
+
+        @serve.batch(max_batch_size=settings.max_running_images, batch_wait_timeout_s=0.01)
+        async def run_group(self, futures: list):
+            """Request-level batching: the group that arrived together runs as one batch until its last request
+            is done; requests arriving meanwhile wait for the next group."""
+            await asyncio.to_thread(self.engine.run_until_idle, join=False)
+            return [None] * len(futures)
 
         @api.get("/healthz")
         def healthz(self):
@@ -94,6 +108,8 @@ def build_app(settings: ServeSettings, num_replicas: int = 1):
                                     headers={"Retry-After": str(e.retry_after_s)})
             self.queue_depth.set(self.engine.queue_depth)
             try:
+                if self.mode == "request-batch":
+                    await self.run_group(future)
                 result = await asyncio.wrap_future(future)
             except asyncio.CancelledError:  # the client went away: its slots are freed at the next step
                 future.cancel()
