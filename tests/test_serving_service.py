@@ -152,3 +152,23 @@ def test_the_readme_curl_example_answers(service):
     assert (answer["seed"], answer["steps"], answer["sampler"]) == (sent["seed"], sent["steps"], sent["sampler"])
     assert set(answer["timings"]) >= {"queued_s", "sampling_s", "total_s"}
     assert pixels(answer["images"][0]).shape[:2] == (8, 8)
+
+
+def test_the_demo_remote_service_shows_the_services_images(service, digits_export):
+    """`RemoteService.generate`, the demo's hook for a running service: its images are the service's pixels,
+    which equal a local sample's; errors come back as one ServiceError naming the field."""
+    from ditexport.demo_app import GenerateRequest, RemoteService
+    from ditexport.serving.client import ImageClient, ServiceError
+
+    remote = RemoteService(service, display_size=16)
+    response = remote.generate(GenerateRequest(class_index=3, num_images=2, steps=4, sampler="ddim", guidance=2.0,
+                                               seed=5))
+    backend = open_served_backend(digits_export, backend="onnxruntime", max_batch=8)
+    lone = Pipeline(backend)([3, 3], seed=5, sampler_cfg=SamplerConfig(num_steps=4, method="ddim",
+                                                                       guidance_scale=2.0), progress=False)
+    assert np.array_equal(to_uint8(response.result.images), to_uint8(lone.images))
+    assert response.images[0].shape == (16, 16, 3) and response.captions == ["3", "3"]
+    assert ImageClient(service).health()["status"] == "ok"
+    with pytest.raises(ServiceError) as refused:
+        ImageClient(service).images([1], steps=5000)
+    assert refused.value.status == 400 and refused.value.field == "steps"
