@@ -157,7 +157,7 @@ def _time_ms(backend, inputs, device: torch.device, clock: _Clock) -> float | No
 
 def _sample(backend, subject: _Subject, steps: int, device: torch.device) -> tuple[float, bool]:
     """One guided sample of one image (a forward batch of 2): seconds, and whether it is finite."""
-    from .diffusion import Sampler, SamplerConfig
+    from .sampler import Sampler, SamplerConfig
 
     cfg = subject.model.config
     sampler = Sampler(SamplerConfig(num_steps=steps), cfg.in_channels, cfg.num_classes, cfg.learn_sigma)

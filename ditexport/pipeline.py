@@ -11,7 +11,7 @@ import torch
 
 from .errors import DitexportError, UsageError
 from .backends.base import Backend, synchronize
-from .diffusion import Sampler, SamplerConfig
+from .sampler import Sampler, SamplerConfig
 
 VAE_SCALE = 0.18215  # the SD VAE latent scale used by DiT
 # Images sampled together (and noised from one generator). Fixed, not the backend's max batch, so a request

@@ -8,7 +8,7 @@ from conftest import concurrent_calls_match_lone_calls, model_feeds, observe_chu
 from ditexport.backends import OnnxRuntimeBackend, TorchBackend
 from ditexport.backends.onnxruntime_backend import (CPU, CUDA, OnnxRuntimeError, cuda_provider_options,
                                                     default_providers, exact_fp32_providers)
-from ditexport.diffusion import SamplerConfig
+from ditexport.sampler import SamplerConfig
 from ditexport.export import export_graphs
 from ditexport.model import create_model, get_config
 from ditexport.pipeline import Pipeline

@@ -123,7 +123,7 @@ def test_condition_engine_and_split_above_the_profile(tiny_engines):
 def test_tensorrt_sampling_has_no_host_sync_per_step_and_matches_onnxruntime(tiny_engines):
     from ditexport.backends.onnxruntime_backend import OnnxRuntimeBackend
     from ditexport.backends.tensorrt_backend import TensorRTBackend
-    from ditexport.diffusion import Sampler, SamplerConfig
+    from ditexport.sampler import Sampler, SamplerConfig
 
     model, paths = tiny_engines
     cfg = model.config

@@ -8,7 +8,7 @@ from conftest import concurrent_calls_match_lone_calls, model_feeds, no_host_syn
 from ditexport import zoo
 from ditexport.backends import TorchBackend
 from ditexport.cli import main
-from ditexport.diffusion import Sampler, SamplerConfig
+from ditexport.sampler import Sampler, SamplerConfig
 from ditexport.export import TOLERANCE
 from ditexport.model import create_model
 

@@ -4,7 +4,7 @@ import torch
 
 from ditexport.backends import TorchBackend
 from ditexport.blend import BlendedConditionBackend, TorchConditionEmbedder
-from ditexport.diffusion import SamplerConfig
+from ditexport.sampler import SamplerConfig
 from ditexport.model import create_model
 from ditexport.pipeline import Pipeline
 

@@ -60,7 +60,7 @@ def test_help_lists_commands():
 
 def test_sampler_choices_are_the_samplers_methods():
     from ditexport.cli import SAMPLERS
-    from ditexport.diffusion import SAMPLING_METHODS
+    from ditexport.sampler import SAMPLING_METHODS
 
     assert SAMPLERS == SAMPLING_METHODS
 

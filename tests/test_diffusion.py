@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from ditexport.diffusion import (Sampler, SamplerConfig, apply_guidance, create_diffusion,
-                                 linear_betas, space_timesteps)
+from ditexport.diffusion import create_diffusion, linear_betas, space_timesteps
+from ditexport.sampler import Sampler, SamplerConfig, apply_guidance
 from ditexport.model import create_model
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ditexport import cli
 from ditexport.backends import TorchBackend
-from ditexport.diffusion import SamplerConfig
+from ditexport.sampler import SamplerConfig
 from ditexport.model import create_model
 from ditexport.pipeline import Pipeline
 from ditexport.zoo import load_builtin

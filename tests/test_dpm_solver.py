@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditexport.diffusion import Sampler, SamplerConfig, dpm_solver_timesteps
+from ditexport.sampler import Sampler, SamplerConfig, dpm_solver_timesteps
 from ditexport.model import create_model
 from ditexport.zoo import load_builtin
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ditexport.backends import TorchBackend
-from ditexport.diffusion import SamplerConfig, SamplerConfigError
+from ditexport.sampler import SamplerConfig, SamplerConfigError
 from ditexport.model import create_model
 from ditexport.pipeline import CHUNK_IMAGES, Pipeline, check_seed, chunk_seed
 

@@ -8,8 +8,8 @@ from safetensors import safe_open
 
 from ditexport import cli
 from ditexport.backends import TorchBackend
+from ditexport.sampler import SamplerConfig
 from ditexport.source import ModelSource
-from ditexport.diffusion import SamplerConfig
 from ditexport.errors import DitexportError
 from ditexport.model import DiT, get_config
 from ditexport.pipeline import Pipeline

@@ -107,7 +107,7 @@ def sampler_step_ms(cfg: DiTConfig, batch: int, guided: bool, device: torch.devi
 
     The slope between two runs removes one-off costs; the per-step noise transfer stays in, as in real use.
     """
-    from ..diffusion import Sampler, SamplerConfig
+    from ..sampler import Sampler, SamplerConfig
 
     images = batch // 2 if guided else batch
     labels = torch.zeros(images, dtype=torch.int64)

@@ -134,7 +134,7 @@ def _measure_backend(backend, name, rows, ctx: BenchContext, report: dict, log) 
 
 def _end_to_end(backend, name: str, ctx: BenchContext, report: dict) -> dict:
     """One real guided sample of one image, timed whole, next to what the per-forward numbers predict."""
-    from ..diffusion import Sampler, SamplerConfig
+    from ..sampler import Sampler, SamplerConfig
 
     cfg, steps, device = ctx.model.config, ctx.settings.sample_steps, backend.device
     sampler = Sampler(SamplerConfig(num_steps=steps), cfg.in_channels, cfg.num_classes, cfg.learn_sigma)

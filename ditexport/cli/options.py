@@ -29,7 +29,7 @@ SAMPLER_FLAGS = {"guidance_scale": "--cfg-scale", "eta": "--eta", "num_steps": "
 
 def sampler_config(args):
     """The sampler settings of the flags; a setting the sampler refuses is one line naming its flag."""
-    from ..diffusion import SamplerConfig, SamplerConfigError
+    from ..sampler import SamplerConfig, SamplerConfigError
 
     try:
         return SamplerConfig(num_steps=args.steps, method=args.sampler, guidance_scale=args.cfg_scale, eta=args.eta,

@@ -5,6 +5,7 @@ import argparse
 
 from .commands import cmd_bench, cmd_build, cmd_demo, cmd_export_vae, cmd_gpu_check, cmd_train_digits, cmd_validate
 from .sampling import cmd_eval, cmd_info, cmd_sample
+from ..serving.command import add_serve_parser
 
 
 class Labels(list):
@@ -46,7 +47,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="image size of an official latent model (sets input size = size / 8)")
 
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m")  # diffusion.SAMPLING_METHODS, spelled out so --help needs no torch
+SAMPLERS = ("ddpm", "ddim", "dpmpp-2m")  # sampler.SAMPLING_METHODS, spelled out so --help needs no torch
 SAMPLER_HELP = "ddpm (official), ddim, or dpmpp-2m: DPM-Solver++ (2M), 20-25 steps as diffusers (default: ddpm)"
 
 
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that run at once on each backend; others wait in the queue (default: 1)")
     add_threads_argument(p)  # the widest model served decides the default
     p.set_defaults(func=cmd_demo)
+
+    add_serve_parser(sub, positive_int)  # the HTTP service; Ray is imported only when it runs
 
     p = sub.add_parser("train-digits", help="retrain the built-in digits DiT",
                        description="Train the built-in digits DiT on scikit-learn's bundled 8x8 digits with DiT's "

@@ -12,7 +12,7 @@ import torch
 
 from ..backends.base import Backend
 from ..class_names import class_label
-from ..diffusion import SAMPLING_METHODS, SamplerConfig
+from ..sampler import SAMPLING_METHODS, SamplerConfig
 from ..errors import DitexportError
 from ..pipeline import IdentityDecoder, Pipeline, SampleResult
 from .limits import BUILTIN_KEY, DemoInputError, DemoLimits, NO_BLEND, SEED_MAX
@@ -184,18 +184,8 @@ class DemoService:
     # -- presentation ----------------------------------------------------------------------------
 
     def displayable(self, images: torch.Tensor) -> list[np.ndarray]:
-        """(N, C, H, W) in [0, 1] -> N RGB uint8 arrays, small images enlarged (nearest) to be seen."""
-        from ..images import to_uint8
-
-        arr = to_uint8(images[:, :3])  # latent models without a VAE: the first 3 latent channels
-        if arr.shape[-1] == 1:
-            arr = arr.repeat(3, axis=-1)
-        elif arr.shape[-1] == 2:
-            arr = np.concatenate([arr, arr[..., :1]], axis=-1)
-        scale = max(1, self.display_size // arr.shape[1])
-        if scale > 1:
-            arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
-        return [np.ascontiguousarray(a) for a in arr]
+        """(N, C, H, W) in [0, 1] -> N RGB uint8 arrays enlarged to the demo's display size."""
+        return displayable(images, self.display_size)
 
     @staticmethod
     def _caption(entry: ModelEntry, r: GenerateRequest, i: int) -> str:
@@ -236,3 +226,18 @@ def create_service(exports_root: str | Path = "exports", device: str = "cpu", li
 
         decoder = VaeDecoder(vae, device=device)
     return DemoService(models, limits, device=device, concurrency=concurrency, decoder=decoder or IdentityDecoder())
+
+
+def displayable(images: torch.Tensor, display_size: int) -> list[np.ndarray]:
+    """(N, C, H, W) in [0, 1] -> N RGB uint8 arrays, small images enlarged (nearest) to be seen."""
+    from ..images import to_uint8
+
+    arr = to_uint8(images[:, :3])  # latent models without a VAE: the first 3 latent channels
+    if arr.shape[-1] == 1:
+        arr = arr.repeat(3, axis=-1)
+    elif arr.shape[-1] == 2:
+        arr = np.concatenate([arr, arr[..., :1]], axis=-1)
+    scale = max(1, display_size // arr.shape[1])
+    if scale > 1:
+        arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
+    return [np.ascontiguousarray(a) for a in arr]

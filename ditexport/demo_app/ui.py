@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from ..diffusion import SAMPLING_METHODS
+from ..sampler import SAMPLING_METHODS
 from ..errors import DitexportError
 from .limits import DemoInputError, DemoLimits, NO_BLEND, log
 from .service import create_service, DemoService, GenerateRequest, random_seed

@@ -52,7 +52,7 @@ def sample_parity(model: DiT, backends: dict[str, object], *, labels: list[int],
     from ..backends.base import Backend
 
     from ..backends import TorchBackend
-    from ..diffusion import SamplerConfig
+    from ..sampler import SamplerConfig
     from ..pipeline import Pipeline
 
     if not model.config.has_null_class:

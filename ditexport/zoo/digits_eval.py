@@ -134,7 +134,7 @@ def evaluate_digits(backend, num_per_class: int = 100, num_steps: int = 250, gui
 
     `backend` is any `ditexport.backends.Backend` running a 10-class, 1-channel 8x8 model.
     """
-    from ..diffusion import SamplerConfig
+    from ..sampler import SamplerConfig
     from ..pipeline import Pipeline
 
     cfg = backend.config
@@ -169,7 +169,7 @@ def quick_class_agreement(model, per_class: int = QUICK_PER_CLASS, num_steps: in
     """Share of `per_class` guided samples of every class that the real-digit classifier reads as the requested
     class: a check of seconds that a freshly trained model learned the digits (chance: 10 %)."""
     from ..backends import TorchBackend
-    from ..diffusion import SamplerConfig
+    from ..sampler import SamplerConfig
     from ..pipeline import Pipeline
 
     labels = [c for c in range(10) for _ in range(per_class)]

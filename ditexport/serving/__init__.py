@@ -1,0 +1,1 @@
+"""Serving many requests: the step-level batching engine, the Ray Serve service and its client."""

@@ -1,0 +1,43 @@
+"""`python -m ditexport serve`: its flags and its handler."""
+from __future__ import annotations
+
+import argparse
+import threading
+
+
+def add_serve_parser(sub, positive_int) -> None:
+    p = sub.add_parser("serve", help="serve an export over HTTP with Ray Serve",
+                       description="Serve a validated export over HTTP (POST /v1/images, GET /v1/models, "
+                                   "GET /healthz) with Ray Serve and step-level continuous batching.")
+    p.add_argument("--export-dir", required=True, help="the validated export to serve")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="onnxruntime")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--device", default="cpu", help="torch backend: cpu or cuda (default: cpu)")
+    p.add_argument("--max-batch", type=positive_int, default=None, help="split forwards above this batch")
+    p.add_argument("--port", type=positive_int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1, loopback only)")
+    p.add_argument("--num-replicas", type=positive_int, default=1, help="engine replicas (one per GPU)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster, e.g. ray://HOST:10001 "
+                                                   "(default: a local Ray bound to loopback)")
+    p.add_argument("--max-queue", type=positive_int, default=32, help="waiting requests per replica before 503")
+    p.add_argument("--max-images", type=positive_int, default=16, help="images per request (default: 16)")
+    p.add_argument("--max-steps", type=positive_int, default=1000, help="steps per request (default: 1000)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .service import ServeSettings, deploy, shutdown
+
+    settings = ServeSettings(export_dir=args.export_dir, backend=args.backend, precision=args.precision,
+                             device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
+                             max_images=args.max_images, max_steps=args.max_steps)
+    seconds = deploy(settings, args.num_replicas, args.port, args.address, args.host)
+    print(f"serving {args.export_dir} ({args.backend}, {args.precision}) on http://{args.host}:{args.port} "
+          f"with {args.num_replicas} replica(s); ready in {seconds:.1f} s; Ctrl-C stops", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown()
+    return 0

@@ -1,0 +1,174 @@
+"""The Ray Serve service on loopback, started once for the module on the digits export (onnxruntime)."""
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ray.serve", reason="the service needs Ray Serve: pip install 'ditexport[serve]'")
+
+from ditexport.images import to_uint8  # noqa: E402
+from ditexport.pipeline import Pipeline  # noqa: E402
+from ditexport.sampler import SamplerConfig  # noqa: E402
+from ditexport.serving.backend import open_served_backend  # noqa: E402
+from ditexport.serving.service import ServeSettings, deploy, shutdown  # noqa: E402
+
+SAMPLERS = [dict(sampler="ddim"), dict(sampler="ddpm"), dict(sampler="dpmpp-2m"), dict(sampler="ddim", eta=0.5)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(digits_export, one_torch_thread):
+    port = free_port()
+    settings = ServeSettings(export_dir=str(digits_export), backend="onnxruntime", max_batch=8, max_queue=2,
+                             max_running_images=16, max_images=8, max_steps=200)
+    seconds = deploy(settings, port=port)
+    print(f"service started in {seconds:.1f} s")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        shutdown()
+
+
+def call(url, body=None, timeout=120):
+    """(status, headers, JSON) of a GET (body None) or a POST of `body` (bytes or a JSON-able object)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=timeout) as response:
+            return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
+
+
+def pixels(png_b64: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.array(Image.open(io.BytesIO(base64.b64decode(png_b64))))
+
+
+def test_concurrent_requests_each_equal_their_lone_sample(service, digits_export):
+    bodies = [{"class_labels": [i % 10, (3 * i + 1) % 10][: 1 + i % 2], "seed": 100 + i, "steps": 3 + i % 5,
+               "guidance_scale": 1.0 if i % 3 == 0 else 2.0 + i / 8, **SAMPLERS[i % 4]} for i in range(16)]
+    # The 2-request queue would refuse part of 16 at once; these go in waves the queue takes, 4 at a time.
+    results = [None] * 16
+
+    def post(i):
+        for _ in range(50):  # a 503 here is the queue working; the client retries as Retry-After says
+            status, headers, body = call(service + "/v1/images", bodies[i])
+            if status != 503:
+                results[i] = (status, body)
+                return
+            time.sleep(float(headers["Retry-After"]) / 10)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    backend = open_served_backend(digits_export, backend="onnxruntime", max_batch=8)
+    pipeline = Pipeline(backend)
+    for body, (status, answer) in zip(bodies, results):
+        assert status == 200, answer
+        assert answer["seed"] == body["seed"] and answer["steps"] == body["steps"]
+        cfg = SamplerConfig(num_steps=body["steps"], method=body["sampler"], guidance_scale=body["guidance_scale"],
+                            eta=body.get("eta", 0.0))
+        lone = to_uint8(pipeline(body["class_labels"], seed=body["seed"], sampler_cfg=cfg, progress=False).images)
+        got = np.stack([pixels(p).reshape(lone.shape[1:]) for p in answer["images"]])
+        assert np.array_equal(got, lone), body
+
+
+@pytest.mark.parametrize("body,field", [
+    (b"{not json", "body"),
+    ({"class_labels": ["seven"]}, "class_labels"),
+    ({"class_labels": [10]}, "class_labels"),
+    ({"class_labels": [1], "steps": 201}, "steps"),
+    ({"class_labels": [1], "steps": 0}, "steps"),
+    (b'{"class_labels": [1], "guidance_scale": NaN}', "guidance_scale"),
+    ({"class_labels": [1], "sampler": "euler"}, "sampler"),
+    ({"steps": 5}, "class_labels"),
+])
+def test_bad_requests_are_4xx_naming_the_field(service, body, field):
+    status, _, answer = call(service + "/v1/images", body)
+    assert status == 400 and answer["field"] == field, answer
+
+
+def test_class_names_are_accepted(service):
+    status, _, answer = call(service + "/v1/images", {"class_labels": ["3", 1], "steps": 2, "guidance_scale": 1})
+    assert status == 200 and answer["sampler"] == "ddpm" and len(answer["images"]) == 2
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_health_survives(service):
+    body = {"class_labels": [1] * 8, "steps": 200, "sampler": "ddim"}
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(call(service + "/v1/images", body)))
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    statuses = sorted(status for status, _, _ in answers)
+    assert len(statuses) == 6 and 503 in statuses and 200 in statuses, statuses
+    assert set(statuses) == {200, 503}
+    refused = next(h for s, h, _ in answers if s == 503)
+    assert int(refused["Retry-After"]) >= 1
+    status, _, health = call(service + "/healthz")
+    assert status == 200 and health["status"] == "ok"
+
+
+def test_models_describes_the_served_export(service, digits_export):
+    status, _, answer = call(service + "/v1/models")
+    model = answer["models"][0]
+    assert status == 200 and model["name"] == "digits" and model["backend"] == "onnxruntime"
+    assert model["precision"] == "fp32" and model["validation"]["passed"] is True
+    assert model["export_dir"] == str(digits_export)
+
+
+def test_the_readme_curl_example_answers(service):
+    """The README's `curl` line, sent as the same HTTP request to this module's service."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln.strip() for ln in readme.splitlines() if ln.strip().startswith("curl ") and "/v1/images" in ln)
+    args = shlex.split(line)
+    url, body = next(a for a in args if a.startswith("http")), args[args.index("-d") + 1]
+    assert args[args.index("-X") + 1] == "POST" and re.fullmatch(r"http://127\.0\.0\.1:8000/v1/images", url)
+    status, _, answer = call(service + "/v1/images", body.encode())
+    sent = json.loads(body)
+    assert status == 200 and len(answer["images"]) == len(sent["class_labels"])
+    assert (answer["seed"], answer["steps"], answer["sampler"]) == (sent["seed"], sent["steps"], sent["sampler"])
+    assert set(answer["timings"]) >= {"queued_s", "sampling_s", "total_s"}
+    assert pixels(answer["images"][0]).shape[:2] == (8, 8)
+
+
+def test_the_demo_remote_service_shows_the_services_images(service, digits_export):
+    """`RemoteService.generate`, the demo's hook for a running service: its images are the service's pixels,
+    which equal a local sample's; errors come back as one ServiceError naming the field."""
+    from ditexport.demo_app import GenerateRequest, RemoteService
+    from ditexport.serving.client import ImageClient, ServiceError
+
+    remote = RemoteService(service, display_size=16)
+    response = remote.generate(GenerateRequest(class_index=3, num_images=2, steps=4, sampler="ddim", guidance=2.0,
+                                               seed=5))
+    backend = open_served_backend(digits_export, backend="onnxruntime", max_batch=8)
+    lone = Pipeline(backend)([3, 3], seed=5, sampler_cfg=SamplerConfig(num_steps=4, method="ddim",
+                                                                       guidance_scale=2.0), progress=False)
+    assert np.array_equal(to_uint8(response.result.images), to_uint8(lone.images))
+    assert response.images[0].shape == (16, 16, 3) and response.captions == ["3", "3"]
+    assert ImageClient(service).health()["status"] == "ok"
+    with pytest.raises(ServiceError) as refused:
+        ImageClient(service).images([1], steps=5000)
+    assert refused.value.status == 400 and refused.value.field == "steps"
