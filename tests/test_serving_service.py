@@ -172,3 +172,40 @@ def test_the_demo_remote_service_shows_the_services_images(service, digits_expor
     with pytest.raises(ServiceError) as refused:
         ImageClient(service).images([1], steps=5000)
     assert refused.value.status == 400 and refused.value.field == "steps"
+
+
+def test_demo_with_server_shows_the_services_images_through_gradio(service, digits_export, tmp_path):
+    """`demo --server URL`: the Gradio app runs over RemoteService; its one model and backend are the service's,
+    the served gallery holds the service's pixels (equal to a local sample), a blend is refused with a message."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    from ditexport.demo_app import DemoInputError, GenerateRequest, RemoteService
+    from ditexport.demo_app.service import displayable
+    from ditexport.demo_app.ui import launch
+
+    remote = RemoteService(service, display_size=16)
+    assert remote.model_keys() == [f"service {service}"]
+    assert remote.entry(remote.model_keys()[0]).backend_choices() == ["onnxruntime (fp32)"]
+    assert remote.class_choices(remote.model_keys()[0]) == [(str(i), i) for i in range(10)]
+    with pytest.raises(DemoInputError, match="blending two classes needs a local backend"):
+        remote.generate(GenerateRequest(class_index=1, blend_class=2))
+
+    app = launch(port=free_port(), server=service, warm_up=False, block=False)
+    try:
+        client = Client(app.local_url, verbose=False, download_files=str(tmp_path))
+        request = dict(model=remote.model_keys()[0], backend="onnxruntime (fp32)", class_index=7, blend_class=-1,
+                       blend_weight=0.5, num_images=2, guidance=4.0, sampler="dpmpp-2m", steps=5, seed=3)
+        gallery, summary = client.predict(**request, api_name="/generate")
+        with pytest.raises(AppError, match="blending two classes needs a local backend"):
+            client.predict(**{**request, "blend_class": 2}, api_name="/generate")
+    finally:
+        app.close()
+    backend = open_served_backend(digits_export, backend="onnxruntime", max_batch=8)
+    lone = Pipeline(backend)([7, 7], seed=3, sampler_cfg=SamplerConfig(num_steps=5, method="dpmpp-2m"),
+                             progress=False)
+    shown = [np.asarray(Image.open(item["image"]).convert("RGB")) for item in gallery]
+    assert len(shown) == 2 and f"2 images from {service}" in summary
+    for got, want in zip(shown, displayable(lone.images, 128)):
+        assert np.array_equal(got, want)

@@ -15,7 +15,8 @@ def cmd_demo(args) -> int:
     limits = DemoLimits(max_steps=args.max_steps, max_images=args.max_images, max_guidance=args.max_guidance)
     launch(host=args.host, port=args.port, share=args.share, exports_root=args.exports,
            device=str(resolve_device(args.device)),
-           limits=limits, concurrency=args.concurrency, vae=args.vae, torch_threads=args.torch_threads)
+           limits=limits, concurrency=args.concurrency, vae=args.vae, torch_threads=args.torch_threads,
+           server=args.server)
     return 0
 
 

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None,
                    help="port (default: 7860, or the next free one up to 7959)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="send requests to a running `python -m ditexport serve` (e.g. http://127.0.0.1:8000) "
+                        "instead of running models here")
     p.add_argument("--exports", default="exports", help="export root to offer models from (default: exports)")
     p.add_argument("--device", default="cpu", help="torch device for the torch backend: cpu, cuda or auto")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory, for latent models")

@@ -111,11 +111,17 @@ def _as_int(value, name: str) -> int:
 
 def launch(host: str = "127.0.0.1", port: int | None = None, share: bool = False, exports_root: str = "exports",
            device: str = "cpu", limits: DemoLimits | None = None, concurrency: int = 1, vae: str | None = None,
-           torch_threads: int | None = None, warm_up: bool = True, block: bool = True):
-    """Builds the service and the app and serves it; returns the app (with `block=False`, still serving)."""
+           torch_threads: int | None = None, warm_up: bool = True, block: bool = True, server: str | None = None):
+    """Builds the service and the app and serves it; returns the app (with `block=False`, still serving).
+    With `server`, requests go to a running `python -m ditexport serve` at that URL instead of local backends."""
     started = time.perf_counter()
     _import_gradio()
-    service = create_service(exports_root, device, limits, concurrency, vae)
+    if server:
+        from .remote import RemoteService
+
+        service = RemoteService(server, limits=limits)
+    else:
+        service = create_service(exports_root, device, limits, concurrency, vae)
     from ..threads import describe_threads, resolve_threads
 
     log.info(f"demo: {describe_threads(*resolve_threads(torch_threads, service.widest_hidden_size()))}")
