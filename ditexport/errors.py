@@ -7,7 +7,12 @@ class DitexportError(Exception):
 
 
 class UsageError(DitexportError, ValueError):
-    """A setting out of range or inconsistent with the model (a ValueError too, for callers that catch those)."""
+    """A setting out of range or inconsistent with the model (a ValueError too, for callers that catch those);
+    `field` names the setting where one is at fault (a SamplerConfig field, "labels", "seed")."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def one_line(error: BaseException) -> str:

@@ -22,7 +22,7 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 def check_seed(seed: int) -> None:
     if not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise UsageError(f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed!r}")
+        raise UsageError(f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed!r}", "seed")
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -87,13 +87,14 @@ class SampleResult:
 def check_request(config, labels: list[int], seed: int, sampler_cfg: SamplerConfig) -> None:
     """Refuses a request before any work: labels, seed and guidance this model cannot take."""
     if not labels:
-        raise UsageError("no class labels to sample")
+        raise UsageError("no class labels to sample", "labels")
     bad = [y for y in labels if not 0 <= int(y) < config.num_classes]
     if bad:
-        raise UsageError(f"class labels must be in 0..{config.num_classes - 1}, got {bad}")
+        raise UsageError(f"class labels must be in 0..{config.num_classes - 1}, got {bad}", "labels")
     check_seed(seed)
     if sampler_cfg.guidance_scale != 1.0 and not config.has_null_class:
-        raise UsageError("this model was trained without class dropout, so it cannot be guided; use --cfg-scale 1")
+        raise UsageError("this model was trained without class dropout, so it cannot be guided; use --cfg-scale 1",
+                         "guidance_scale")
     Sampler(sampler_cfg, config.in_channels, config.num_classes, config.learn_sigma)  # steps, method
 
 

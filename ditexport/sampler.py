@@ -94,8 +94,7 @@ class SamplerConfigError(UsageError):
     """A sampler setting that cannot be sampled with; `field` names the SamplerConfig field."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
+        super().__init__(message, field)
 
 
 class Sampler:
@@ -108,17 +107,21 @@ class Sampler:
     def __init__(self, cfg: SamplerConfig, in_channels: int, num_classes: int, learn_sigma: bool = True,
                  sigma_small: bool = False, diffusion_steps: int = 1000):
         if cfg.method not in SAMPLING_METHODS:
-            raise UsageError(f"unknown sampling method {cfg.method!r}; use {', '.join(map(repr, SAMPLING_METHODS))}")
+            raise SamplerConfigError("method", f"unknown sampling method {cfg.method!r}; use "
+                                               f"{', '.join(map(repr, SAMPLING_METHODS))}")
         if cfg.num_steps < 1 or cfg.num_steps > diffusion_steps:
-            raise UsageError(f"steps must be between 1 and {diffusion_steps}, got {cfg.num_steps}")
+            raise SamplerConfigError("num_steps", f"steps must be between 1 and {diffusion_steps}, "
+                                                  f"got {cfg.num_steps}")
         self.cfg = cfg
         self.in_channels = in_channels
         self.null_class = num_classes
         if cfg.method == "dpmpp-2m":
             if cfg.respacing:
-                raise UsageError("respacing applies to ddpm and ddim; dpmpp-2m spaces its steps linearly")
+                raise SamplerConfigError("respacing", "respacing applies to ddpm and ddim; dpmpp-2m spaces its steps "
+                                                        "linearly")
             if cfg.num_steps >= diffusion_steps:  # the rounded linear spacing would repeat a timestep
-                raise UsageError(f"dpmpp-2m takes at most {diffusion_steps - 1} steps, got {cfg.num_steps}")
+                raise SamplerConfigError("num_steps", f"dpmpp-2m takes at most {diffusion_steps - 1} steps, "
+                                                        f"got {cfg.num_steps}")
             # The solver reads alpha-bar at its own timesteps off the full schedule.
             self.diffusion = create_diffusion("", learn_sigma, sigma_small, diffusion_steps)
             self.timesteps = dpm_solver_timesteps(cfg.num_steps, diffusion_steps)

@@ -92,6 +92,17 @@ def test_refusals_name_the_field(backend, labels, settings, field):
     assert engine.queue_depth == 0
 
 
+@pytest.mark.parametrize("seed,settings,field,message", [
+    (2 ** 64, {}, "seed", "seed must be an integer"), (0, dict(method="euler"), "sampler", "unknown sampling method"),
+    (0, dict(method="dpmpp-2m", num_steps=1000), "steps", "dpmpp-2m takes at most 999 steps"),
+])
+def test_library_refusals_carry_their_field_to_the_request(backend, seed, settings, field, message):
+    """The sampler's and the pipeline's own checks name their setting (UsageError.field), in the API's words."""
+    with pytest.raises(RequestError, match=message) as e:
+        BatchingEngine(backend).submit(make_request([1], seed, settings))
+    assert e.value.field == field
+
+
 def test_torch_cpu_forward_is_batch_invariant_from_four_rows(backend):
     """Why the torch comparison above splits at 4 rows: a row's output inside a batch of 16 equals the same
     row forwarded in a batch of n for n >= 4 (bitwise), and onnxruntime's for every n."""

@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import DitexportError
+from ..errors import DitexportError, UsageError
 from ..pipeline import CHUNK_IMAGES, IdentityDecoder, check_request
 from ..sampler import Sampler, SamplerConfig, apply_guidance, denoise_step
+
+# The library's names of a setting at fault (UsageError.field) -> the HTTP request's field names.
+API_FIELDS = {"labels": "class_labels", "method": "sampler", "num_steps": "steps", "respacing": "steps"}
 
 
 class QueueFullError(DitexportError):
@@ -132,11 +135,8 @@ class BatchingEngine:
         self.limits.check(len(request.labels), cfg.num_steps, cfg.guidance_scale)
         try:
             check_request(self.config, request.labels, request.seed, cfg)
-        except ValueError as e:
-            text = str(e)
-            name = ("class_labels" if "label" in text else "seed" if "seed" in text
-                    else "guidance_scale" if "guid" in text else "sampler" if "method" in text else "steps")
-            raise RequestError(name, text) from None
+        except UsageError as e:
+            raise RequestError(API_FIELDS.get(e.field or "", e.field or "body"), str(e)) from None
 
     def submit(self, request: ImageRequest) -> Future:
         """Queues a checked request; its Future gets an ImageResult. Cancel the Future to free its slot."""
