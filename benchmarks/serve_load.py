@@ -9,6 +9,7 @@ early at `--max-seconds`. Prints a Markdown table: achieved requests/s, p50 and 
 """
 import argparse
 import json
+import os
 import random
 import socket
 import sys
@@ -39,6 +40,37 @@ def post(url: str, body: dict) -> tuple[int, float]:
     return status, time.perf_counter() - start
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process and by Ray's processes, grouped by role (Linux /proc;
+    empty elsewhere). Ray names its workers in their command lines: the HTTP proxy, the replicas, the rest."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    groups: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        if pid == os.getpid():
+            role = "load generator"
+        elif "ProxyActor" in cmd:
+            role = "Serve proxy"
+        elif "ServeReplica" in cmd:
+            role = "replica"
+        elif "ray" in cmd:
+            role = "other Ray"
+        else:
+            continue
+        groups[role] = groups.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return groups
+
+
+def engine_stats(url: str) -> dict:
+    with urllib.request.urlopen(url.replace("/v1/images", "/healthz"), timeout=30) as r:
+        return json.loads(r.read())
+
+
 def run_rate(url: str, rate: float, requests: int, steps: int, max_seconds: float, seed: int) -> dict:
     rng = random.Random(seed)
     results, lock = [], threading.Lock()
@@ -48,6 +80,7 @@ def run_rate(url: str, rate: float, requests: int, steps: int, max_seconds: floa
         with lock:
             results.append(answer)
 
+    cpu_before, engine_before = cpu_seconds(), engine_stats(url)
     start = time.perf_counter()
     next_at = start
     with ThreadPoolExecutor(max_workers=256) as pool:
@@ -59,10 +92,16 @@ def run_rate(url: str, rate: float, requests: int, steps: int, max_seconds: floa
             pool.submit(one, {"class_labels": [rng.randrange(10)], "seed": rng.randrange(2**31), "steps": steps,
                               "sampler": "ddim", "guidance_scale": 4.0})
     elapsed = time.perf_counter() - start
+    cpu = {k: round((v - cpu_before.get(k, 0.0)) / elapsed, 2) for k, v in cpu_seconds().items()}
+    engine = {k: v - engine_before[k] for k, v in engine_stats(url).items() if k in ("steps_run", "rows_run",
+                                                                                     "forward_s", "step_s")}
+    steps = max(1, engine["steps_run"])
+    engine = {"rows_per_step": round(engine["rows_run"] / steps, 1), "forward_ms": round(engine["forward_s"] / steps * 1e3, 2),
+              "step_ms": round(engine["step_s"] / steps * 1e3, 2), "busy": round(engine["step_s"] / elapsed, 2)}
     ok = sorted(s for status, s in results if status == 200)
     pct = lambda q: ok[min(len(ok) - 1, int(q * len(ok)))] if ok else float("nan")
     return {"rate": rate, "sent": len(results), "ok": len(ok), "rps": len(ok) / elapsed, "p50": pct(0.5),
-            "p99": pct(0.99), "errors": len(results) - len(ok)}
+            "p99": pct(0.99), "errors": len(results) - len(ok), "cores_busy": cpu, "engine": engine}
 
 
 def main(argv=None) -> int:
@@ -73,6 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="cap on one rate's sending time")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="CPU threads of the replica's ONNX Runtime, the same in every mode (default: the cores)")
     args = parser.parse_args(argv)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,7 +123,7 @@ def main(argv=None) -> int:
     try:
         for mode in args.modes.split(","):
             settings = ServeSettings(export_dir=args.export_dir, backend="onnxruntime", max_queue=256,
-                                     max_running_images=64, mode=mode)
+                                     max_running_images=64, mode=mode, threads=args.threads)
             started = time.perf_counter()
             serve.run(build_app(settings), name="ditexport", route_prefix="/", blocking=False)
             url = f"http://127.0.0.1:{port}/v1/images"

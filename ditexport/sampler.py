@@ -57,6 +57,12 @@ def apply_guidance(model_output, scale: float, guide_channels: int):
     (e.g. the learned variance) are taken from the conditional half.
     """
     cond, uncond = model_output.chunk(2, dim=0)
+    return guide(cond, uncond, scale, guide_channels)
+
+
+def guide(cond, uncond, scale, guide_channels: int):
+    """The guided output from the conditional and unconditional outputs of the same samples; `scale` is a number
+    or a (B, 1, 1, 1) column, one scale per sample (the same elementwise arithmetic either way)."""
     g = guide_channels
     guided = uncond[:, :g] + scale * (cond[:, :g] - uncond[:, :g])
     return torch.cat([guided, cond[:, g:]], dim=1)

@@ -17,6 +17,8 @@ FIRST = [  # labels, seed, sampler settings: different samplers, step counts and
 LATER = [  # joined two steps later, while the first ones run
     ([4, 5], 3, dict(method="ddpm", num_steps=3, guidance_scale=3.0)),
     ([6], 8, dict(method="dpmpp-2m", num_steps=7, guidance_scale=1.0)),
+    ([2, 8], 11, dict(method="ddim", num_steps=5, guidance_scale=1.7, eta=0.3)),  # 1.7: not a float32 number
+    ([5], 4, dict(method="ddpm", num_steps=4, guidance_scale=1.0)),  # shares a step group with [7]'s until its end
 ]
 
 
@@ -39,7 +41,7 @@ def test_each_request_equals_its_lone_sample_whatever_it_is_batched_with(backend
     engine.step()
     futures += [engine.submit(make_request(*r)) for r in LATER]
     engine.run_until_idle()
-    # 6 requests of 10 images, up to 8 steps: far fewer forwards than the 33 of one request at a time,
+    # 8 requests of 13 images, up to 8 steps: far fewer forwards than the 42 of one request at a time,
     # and batches above 8 rows (onnxruntime's max batch, so split there) were run.
     assert engine.steps_run == 9
     assert engine.max_batch_seen > 8
@@ -59,7 +61,7 @@ def test_each_request_equals_its_lone_sample_whatever_it_is_batched_with(backend
             continue
         assert torch.equal(result.images, lone.images), (labels, seed, settings)
         exact += 1
-    assert exact == (6 if backend.name == "onnxruntime" else 3)
+    assert exact == (8 if backend.name == "onnxruntime" else 4)
 
 
 def test_threaded_engine_cancels_and_bounds_its_queue(backend):
@@ -127,6 +129,9 @@ def test_request_level_batching_admits_only_into_an_empty_batch(backend):
     assert engine.queue_depth == 1 and engine.running_images == 1
     engine.run_until_idle(join=False)
     assert engine.steps_run == 5 + 3
+    stats = engine.stats()  # what /healthz and the load benchmark report
+    assert stats["steps_run"] == 8 and stats["rows_run"] == 8 and stats["queue_depth"] == 0
+    assert 0 < stats["forward_s"] <= stats["step_s"]
     lone = Pipeline(backend)([2], seed=2, sampler_cfg=SamplerConfig(method="ddim", num_steps=3, guidance_scale=1.0),
                              progress=False)
     assert first.done() and torch.equal(second.result(timeout=0).images, lone.images)

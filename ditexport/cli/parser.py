@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_argument(p)  # the widest model served decides the default
     p.set_defaults(func=cmd_demo)
 
-    add_serve_parser(sub, positive_int)  # the HTTP service; Ray is imported only when it runs
+    add_serve_parser(sub, positive_int, add_threads_argument)  # the HTTP service; Ray is imported only when it runs
 
     p = sub.add_parser("train-digits", help="retrain the built-in digits DiT",
                        description="Train the built-in digits DiT on scikit-learn's bundled 8x8 digits with DiT's "

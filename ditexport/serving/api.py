@@ -80,10 +80,12 @@ def png_base64(images: torch.Tensor) -> list[str]:
 
 
 def model_info(export_dir: str | Path, backend) -> dict:
-    """GET /v1/models: the served export, its config, backend, precision and validation summary."""
+    """GET /v1/models: the served export, its config, backend, precision, CPU threads and validation summary."""
+    import torch
+
     manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
     cfg = backend.config
     return {"models": [{"name": manifest.get("name"), "export_dir": str(export_dir), "config": manifest.get("config"),
-                        "backend": backend.name, "precision": backend.precision,
+                        "backend": backend.name, "precision": backend.precision, "threads": torch.get_num_threads(),
                         "validation": manifest.get("validation"),
                         "class_names": class_names(cfg.num_classes, manifest.get("model"))[:100]}]}

@@ -2,9 +2,10 @@
 
 Each request keeps its own sampler, step index, coefficients, noise and DPM-Solver++ state; one forward per step
 serves every running request (a guided one contributes its rows twice, `[x; x]` with `[y; null]`), and the
-backend splits above its max batch as always. The update after the forward runs per request with that request's
-own 0-d coefficients through `sampler.denoise_step`, on tensors of the request's own shape, so a request's
-arithmetic is the arithmetic of a lone `Sampler.run` whatever it is batched with. No Ray in here.
+backend splits above its max batch as always. The update after the forward runs once per group of requests with
+the same sampler settings, through `sampler.denoise_step` with each sample's own coefficients as (B, 1, 1, 1)
+columns: elementwise, the arithmetic of a lone `Sampler.run`, so a request's images do not depend on what it was
+batched with. No Ray in here.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from ..errors import DitexportError, UsageError
 from ..pipeline import CHUNK_IMAGES, IdentityDecoder, check_request
-from ..sampler import Sampler, SamplerConfig, apply_guidance, denoise_step
+from ..sampler import Sampler, SamplerConfig, denoise_step, guide
 
 # The library's names of a setting at fault (UsageError.field) -> the HTTP request's field names.
 API_FIELDS = {"labels": "class_labels", "method": "sampler", "num_steps": "steps", "respacing": "steps"}
@@ -83,31 +84,36 @@ class _Running:
         self.x = x_T.to(device)
         self.step_noise = None if step_noise is None else step_noise.to(device)
         self.x0_prev = torch.zeros_like(self.x)
-        self.k = sampler.step_coefficients(device)
-        y = torch.tensor(request.labels, dtype=torch.int64, device=device)
-        self.y = torch.cat([y, torch.full_like(y, sampler.null_class)]) if sampler.guided else y
-        self.i = 0
+        k = sampler.step_coefficients(device)
+        self.timesteps = k.pop("t").tolist()
+        self.names = tuple(k)
+        self.table = torch.stack([k[name] for name in self.names], dim=1)  # (steps, coefficients), float32
+        self.labels = torch.tensor(request.labels, dtype=torch.int64, device=device)
+        self.images, self.guided, self.i = len(request.labels), sampler.guided, 0
+        cfg = sampler.cfg
+        self.settings = (cfg.method, cfg.eta, cfg.clip_denoised, sampler.guide_channels)
 
     @property
-    def rows(self) -> int:
-        return self.y.shape[0]
+    def last(self) -> bool:
+        return self.i == self.sampler.num_steps - 1
 
-    def model_input(self):
-        x_in = torch.cat([self.x, self.x]) if self.sampler.guided else self.x
-        return x_in, self.k["t"][self.i].expand(self.rows), self.y
+    def noise(self) -> torch.Tensor | None:
+        """This step's noise; None where the step adds none (the final step, or a deterministic sampler)."""
+        return None if (self.last or self.step_noise is None) else self.step_noise[self.i]
 
-    def advance(self, out: torch.Tensor) -> bool:
-        """Applies this request's step to its slice of the forward's output; True when its chain is done."""
-        s = self.sampler
-        out = out.float()
-        if s.guided:
-            out = apply_guidance(out, s.cfg.guidance_scale, s.guide_channels)
-        last = self.i == s.num_steps - 1
-        noise = None if (last or self.step_noise is None) else self.step_noise[self.i]
-        self.x, self.x0_prev = denoise_step(s, {n: v[self.i] for n, v in self.k.items()}, self.x, out,
-                                            self.x0_prev, noise)
-        self.i += 1
-        return last
+    def segment_key(self) -> tuple:
+        """Requests with equal keys take this step in one `denoise_step` call: guided ones first (their
+        unconditional rows then follow the conditional rows in the same order), then by sampler settings."""
+        return (not self.guided, *self.settings, self.noise() is None)
+
+
+def _columns(segment: list[_Running]) -> dict[str, torch.Tensor]:
+    """Each sample's coefficients of its request's current step, as (B, 1, 1, 1) columns."""
+    rows = torch.stack([r.table[r.i] for r in segment])
+    counts = [r.images for r in segment]
+    if any(c != 1 for c in counts):
+        rows = rows.repeat_interleave(torch.tensor(counts, device=rows.device), dim=0)
+    return {name: rows[:, j].reshape(-1, 1, 1, 1) for j, name in enumerate(segment[0].names)}
 
 
 class BatchingEngine:
@@ -125,7 +131,9 @@ class BatchingEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps_run = 0  # forwards so far (each serving every running request)
+        self.rows_run = 0  # rows forwarded so far
         self.max_batch_seen = 0  # the most rows one step has forwarded
+        self.forward_s = self.step_s = 0.0  # seconds in the backend's forwards, and in whole steps
 
     # -- admission ---------------------------------------------------------------------------------
 
@@ -157,6 +165,11 @@ class BatchingEngine:
     def running_images(self) -> int:
         return sum(len(r.request.labels) for r in self._running)
 
+    def stats(self) -> dict:
+        """Counters since the start: steps, rows forwarded, seconds in forwards and in whole steps."""
+        return {"queue_depth": self.queue_depth, "running_images": self.running_images, "steps_run": self.steps_run,
+                "rows_run": self.rows_run, "forward_s": round(self.forward_s, 4), "step_s": round(self.step_s, 4)}
+
     def _admit(self) -> None:
         """At a step boundary: drops cancelled requests, lets waiting ones join while the batch has room."""
         self._running = [r for r in self._running if not r.future.cancelled()]
@@ -187,10 +200,21 @@ class BatchingEngine:
             running = list(self._running)
         if not running:
             return 0
-        inputs = [r.model_input() for r in running]
-        x, t, y = (torch.cat(parts) for parts in zip(*inputs))
-        try:
-            out = self.backend(x, t, y)
+        began = time.perf_counter()
+        running.sort(key=_Running.segment_key)
+        segments = [list(group) for _, group in itertools.groupby(running, key=_Running.segment_key)]
+        x, n, guided = torch.cat([r.x for r in running]), 0, 0
+        for r in running:
+            n += r.images
+            guided += r.images if r.guided else 0
+        device = x.device
+        t = torch.tensor([r.timesteps[r.i] for r in running for _ in range(r.images)], dtype=torch.int64,
+                         device=device)
+        y = torch.cat([r.labels for r in running])
+        null = torch.full((guided,), self.config.num_classes, dtype=torch.int64, device=device)
+        forward_began = time.perf_counter()
+        try:  # guided rows [x; x] with [y; null], as a lone guided forward: the unconditional rows follow
+            out = self.backend(torch.cat([x, x[:guided]]), torch.cat([t, t[:guided]]), torch.cat([y, null]))
         except Exception as e:  # a failing backend fails the requests it was serving, not the engine
             with self._lock:
                 for r in running:
@@ -199,18 +223,37 @@ class BatchingEngine:
                     if not r.future.cancelled():
                         r.future.set_exception(e)
             return len(self._running)
+        self.forward_s += time.perf_counter() - forward_began
         self.steps_run += 1
-        self.max_batch_seen = max(self.max_batch_seen, x.shape[0])
-        bounds = list(itertools.accumulate(r.rows for r in running))
-        finished = []
-        for r, end in zip(running, bounds):
-            if r.advance(out[end - r.rows:end]):
-                finished.append(r)
+        self.rows_run += n + guided
+        self.max_batch_seen = max(self.max_batch_seen, n + guided)
+        out = out.float()
+        finished, start = [], 0
+        for segment in segments:
+            end = start + sum(r.images for r in segment)
+            first = segment[0]
+            seg_out = out[start:end]
+            if first.guided:
+                scale = torch.tensor([r.request.sampler_cfg.guidance_scale for r in segment for _ in range(r.images)],
+                                     dtype=seg_out.dtype, device=device).reshape(-1, 1, 1, 1)
+                seg_out = guide(seg_out, out[n + start:n + end], scale, first.sampler.guide_channels)
+            noises = [z for r in segment if (z := r.noise()) is not None]  # all or none: it is in the key
+            noise = torch.cat(noises) if noises else None
+            x_next, x0 = denoise_step(first.sampler, _columns(segment), x[start:end], seg_out,
+                                      torch.cat([r.x0_prev for r in segment]), noise)
+            counts = [r.images for r in segment]
+            for r, r_x, r_x0 in zip(segment, x_next.split(counts), x0.split(counts)):
+                r.x, r.x0_prev = r_x, r_x0
+                if r.last:
+                    finished.append(r)
+                r.i += 1
+            start = end
         with self._lock:
             for r in finished:
                 self._running.remove(r)
         for r in finished:
             self._finish(r)
+        self.step_s += time.perf_counter() - began
         return len(self._running)
 
     def _finish(self, r: _Running) -> None:

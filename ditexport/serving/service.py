@@ -30,6 +30,7 @@ class ServeSettings:
     max_images: int = 16
     max_steps: int = 1000
     max_guidance: float = 20.0
+    threads: int = 1  # CPU threads of torch and ONNX Runtime in each replica (Ray's workers would take 1)
     # "continuous": requests join and leave the running batch at every step (the service);
     # "request-batch": Ray Serve's @serve.batch groups requests that arrive together and runs each group to the
     # end before the next starts; "single": one request at a time. The last two are the load benchmark's baselines.
@@ -50,6 +51,7 @@ def build_app(settings: ServeSettings, num_replicas: int = 1):
     @serve.ingress(api)
     class ImageService:
         def __init__(self, settings_dict: dict):
+            import torch
             from ray.serve import metrics
 
             from ..class_names import class_names
@@ -58,6 +60,7 @@ def build_app(settings: ServeSettings, num_replicas: int = 1):
             from .engine import BatchingEngine, ServeLimits
 
             s = ServeSettings(**settings_dict)
+            torch.set_num_threads(s.threads)  # ONNX Runtime's sessions follow torch's count
             backend = open_served_backend(s.export_dir, s.backend, s.precision, s.device, s.max_batch)
             self.info = model_info(s.export_dir, backend)
             self.names = class_names(backend.config.num_classes, self.info["models"][0]["name"])
@@ -85,8 +88,7 @@ def build_app(settings: ServeSettings, num_replicas: int = 1):
 
         @api.get("/healthz")
         def healthz(self):
-            return {"status": "ok", "queue_depth": self.engine.queue_depth,
-                    "running_images": self.engine.running_images}
+            return {"status": "ok", **self.engine.stats()}
 
         @api.get("/v1/models")
         def models(self):

@@ -1,0 +1,76 @@
+"""`python -m ditexport serve` as a user runs it: a process that starts its own Ray on loopback, answers like
+`python -m ditexport sample`, and stops on Ctrl-C."""
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray.serve", reason="the service needs Ray Serve: pip install 'ditexport[serve]'")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pixels(png_b64: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.array(Image.open(io.BytesIO(base64.b64decode(png_b64))))
+
+
+def get(url, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_serve_answers_as_sample_does_with_its_threads_and_stops_on_ctrl_c(digits_export, tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAY_ADDRESS")}
+    server = subprocess.Popen([sys.executable, "-m", "ditexport", "serve", "--export-dir", str(digits_export),
+                               "--port", str(port), "--torch-threads", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines, ready = [], threading.Event()
+
+    def read():
+        for line in server.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "ready in" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(timeout=180), "".join(lines)
+        banner = next(line for line in lines if "ready in" in line)
+        assert "2 CPU threads (--torch-threads) per replica" in banner and f"127.0.0.1:{port}" in banner
+        base = f"http://127.0.0.1:{port}"
+        assert get(base + "/v1/models")["models"][0]["threads"] == 2
+        answer = get(base + "/v1/images", {"class_labels": [3, 1], "steps": 6, "sampler": "dpmpp-2m", "seed": 7})
+        # The same request through `sample`, on the same backend and threads.
+        npz = tmp_path / "lone.npz"
+        subprocess.run([sys.executable, "-m", "ditexport", "-q", "sample", "--export-dir", str(digits_export),
+                        "--backend", "onnxruntime", "--classes", "3,1", "--steps", "6", "--sampler", "dpmpp-2m",
+                        "--seed", "7", "--torch-threads", "2", "--out", str(tmp_path / "lone.png"), "--npz", str(npz)],
+                       check=True, env=env, timeout=120)
+        lone = np.load(npz)["arr_0"]
+        served = np.stack([pixels(image) for image in answer["images"]])
+        assert np.array_equal(served.reshape(lone.shape), lone)
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            code = server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
+    assert code == 0, "".join(lines)
