@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,3 +75,23 @@ def test_serve_answers_as_sample_does_with_its_threads_and_stops_on_ctrl_c(digit
             server.kill()
             raise
     assert code == 0, "".join(lines)
+
+
+def test_the_load_benchmark_runs_all_three_modes_and_answers_every_request(digits_export, tmp_path):
+    """`benchmarks/serve_load.py`, tiny: every request of every mode answered, and each mode batched as it says."""
+    out = tmp_path / "load.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "serve_load.py"),
+                           "--export-dir", str(digits_export), "--rates", "200", "--requests", "8", "--steps", "20,30",
+                           "--threads", "1", "--max-running-images", "8", "--cost-seconds", "0.3",
+                           "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {row["mode"]: row for row in result["rows"]}
+    assert sorted(rows) == ["continuous", "request-batch", "single"]
+    for row in rows.values():
+        assert row["sent"] == row["ok"] == 8 and row["errors"] == 0 and row["p50"] <= row["p99"]
+    assert rows["single"]["rows_per_forward"] == 2.0  # one guided one-image request at a time
+    assert rows["continuous"]["rows_per_forward"] > 2.0  # 8 requests at 200/s overlap: they share forwards
+    assert set(result["forward_ms_per_row"]) == {"2", "16"} and min(result["forward_ms_per_row"].values()) > 0
+    assert "Best achieved requests/s with p99 at most" in done.stdout
