@@ -127,6 +127,28 @@ def test_a_full_queue_answers_503_with_retry_after_and_health_survives(service):
     assert status == 200 and health["status"] == "ok"
 
 
+def test_a_client_that_disconnects_frees_its_slots(service):
+    """A client that hangs up mid-chain: Serve cancels its handler, which cancels the engine's future, and the
+    engine drops the request at the next step instead of running its 200 steps."""
+    import http.client
+
+    _, _, before = call(service + "/healthz")
+    host, port = service.removeprefix("http://").split(":")
+    client = http.client.HTTPConnection(host, int(port), timeout=60)
+    client.request("POST", "/v1/images", json.dumps({"class_labels": [1] * 8, "steps": 200, "sampler": "ddim"}))
+    deadline = time.monotonic() + 60
+    while call(service + "/healthz")[2]["running_images"] == 0:  # wait until the request runs
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
+    client.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+    client.close()
+    while (health := call(service + "/healthz")[2])["running_images"] > 0:
+        assert time.monotonic() < deadline, "the request kept its slots"
+        time.sleep(0.01)
+    assert health["queue_depth"] == 0
+    assert health["steps_run"] - before["steps_run"] < 200  # its chain was cut short
+
+
 def test_models_describes_the_served_export(service, digits_export):
     status, _, answer = call(service + "/v1/models")
     model = answer["models"][0]

@@ -84,10 +84,10 @@ class _Running:
         self.x = x_T.to(device)
         self.step_noise = None if step_noise is None else step_noise.to(device)
         self.x0_prev = torch.zeros_like(self.x)
-        k = sampler.step_coefficients(device)
-        self.timesteps = k.pop("t").tolist()
-        self.names = tuple(k)
-        self.table = torch.stack([k[name] for name in self.names], dim=1)  # (steps, coefficients), float32
+        self.k = sampler.step_coefficients(device)
+        self.timesteps = self.k.pop("t").tolist()
+        self.names = tuple(self.k)
+        self.table = torch.stack([self.k[name] for name in self.names], dim=1)  # (steps, coefficients), float32
         self.labels = torch.tensor(request.labels, dtype=torch.int64, device=device)
         self.images, self.guided, self.i = len(request.labels), sampler.guided, 0
         cfg = sampler.cfg
@@ -108,12 +108,20 @@ class _Running:
 
 
 def _columns(segment: list[_Running]) -> dict[str, torch.Tensor]:
-    """Each sample's coefficients of its request's current step, as (B, 1, 1, 1) columns."""
+    """Each sample's coefficients of its request's current step, as (B, 1, 1, 1) columns (0-d tensors for a
+    request alone in its group, as `Sampler.run` takes them)."""
+    if len(segment) == 1:
+        r = segment[0]
+        return {name: v[r.i] for name, v in r.k.items()}
     rows = torch.stack([r.table[r.i] for r in segment])
     counts = [r.images for r in segment]
     if any(c != 1 for c in counts):
         rows = rows.repeat_interleave(torch.tensor(counts, device=rows.device), dim=0)
     return {name: rows[:, j].reshape(-1, 1, 1, 1) for j, name in enumerate(segment[0].names)}
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 class BatchingEngine:
@@ -203,14 +211,14 @@ class BatchingEngine:
         began = time.perf_counter()
         running.sort(key=_Running.segment_key)
         segments = [list(group) for _, group in itertools.groupby(running, key=_Running.segment_key)]
-        x, n, guided = torch.cat([r.x for r in running]), 0, 0
+        x, n, guided = _cat([r.x for r in running]), 0, 0
         for r in running:
             n += r.images
             guided += r.images if r.guided else 0
         device = x.device
         t = torch.tensor([r.timesteps[r.i] for r in running for _ in range(r.images)], dtype=torch.int64,
                          device=device)
-        y = torch.cat([r.labels for r in running])
+        y = _cat([r.labels for r in running])
         null = torch.full((guided,), self.config.num_classes, dtype=torch.int64, device=device)
         forward_began = time.perf_counter()
         try:  # guided rows [x; x] with [y; null], as a lone guided forward: the unconditional rows follow
@@ -234,13 +242,14 @@ class BatchingEngine:
             first = segment[0]
             seg_out = out[start:end]
             if first.guided:
-                scale = torch.tensor([r.request.sampler_cfg.guidance_scale for r in segment for _ in range(r.images)],
-                                     dtype=seg_out.dtype, device=device).reshape(-1, 1, 1, 1)
+                scale = first.request.sampler_cfg.guidance_scale if len(segment) == 1 else torch.tensor(
+                    [r.request.sampler_cfg.guidance_scale for r in segment for _ in range(r.images)],
+                    dtype=seg_out.dtype, device=device).reshape(-1, 1, 1, 1)
                 seg_out = guide(seg_out, out[n + start:n + end], scale, first.sampler.guide_channels)
             noises = [z for r in segment if (z := r.noise()) is not None]  # all or none: it is in the key
-            noise = torch.cat(noises) if noises else None
+            noise = _cat(noises) if noises else None
             x_next, x0 = denoise_step(first.sampler, _columns(segment), x[start:end], seg_out,
-                                      torch.cat([r.x0_prev for r in segment]), noise)
+                                      _cat([r.x0_prev for r in segment]), noise)
             counts = [r.images for r in segment]
             for r, r_x, r_x0 in zip(segment, x_next.split(counts), x0.split(counts)):
                 r.x, r.x0_prev = r_x, r_x0
