@@ -1,5 +1,5 @@
 """`python -m ditexport serve` as a user runs it: a process that starts its own Ray on loopback, answers like
-`python -m ditexport sample`, and stops on Ctrl-C."""
+`python -m ditexport sample`, and stops on SIGTERM."""
 import base64
 import io
 import json
@@ -36,7 +36,7 @@ def get(url, body=None):
         return json.loads(response.read())
 
 
-def test_serve_answers_as_sample_does_with_its_threads_and_stops_on_ctrl_c(digits_export, tmp_path):
+def test_serve_answers_as_sample_does_with_its_threads_and_stops_on_sigterm(digits_export, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAY_ADDRESS")}
     server = subprocess.Popen([sys.executable, "-m", "ditexport", "serve", "--export-dir", str(digits_export),
@@ -68,7 +68,7 @@ def test_serve_answers_as_sample_does_with_its_threads_and_stops_on_ctrl_c(digit
         served = np.stack([pixels(image) for image in answer["images"]])
         assert np.array_equal(served.reshape(lone.shape), lone)
     finally:
-        server.send_signal(signal.SIGINT)
+        server.send_signal(signal.SIGTERM)  # as `kill` or `docker stop`; Ctrl-C takes the same path
         try:
             code = server.wait(timeout=60)
         except subprocess.TimeoutExpired:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import threading
 
 
@@ -41,6 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {args.export_dir} ({args.backend}, {args.precision}, {describe_threads(threads, why)} per "
           f"replica) on http://{args.host}:{args.port} with {args.num_replicas} replica(s); ready in {seconds:.1f} s; "
           f"Ctrl-C stops", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, `docker stop`, systemd: as Ctrl-C
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
