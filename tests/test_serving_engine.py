@@ -135,3 +135,21 @@ def test_request_level_batching_admits_only_into_an_empty_batch(backend):
     lone = Pipeline(backend)([2], seed=2, sampler_cfg=SamplerConfig(method="ddim", num_steps=3, guidance_scale=1.0),
                              progress=False)
     assert first.done() and torch.equal(second.result(timeout=0).images, lone.images)
+
+
+def test_onnxruntime_is_batch_invariant_on_two_threads_too(digits_export):
+    """`serve --torch-threads 2` keeps the exactness above: ONNX Runtime's rows do not depend on the batch at two
+    threads either (rows of batches of 1-64 against the same rows in a batch of 128)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        backend = open_served_backend(digits_export, backend="onnxruntime")
+    finally:
+        torch.set_num_threads(threads)
+    c = backend.config
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(128, c.in_channels, c.input_size, c.input_size, generator=g)
+    t, y = torch.randint(0, 1000, (128,), generator=g), torch.randint(0, c.num_classes, (128,), generator=g)
+    full = backend(x, t, y)
+    for n in (1, 2, 3, 5, 16, 33, 64):
+        assert torch.equal(backend(x[:n], t[:n], y[:n]), full[:n]), n
