@@ -117,6 +117,26 @@ def model_feeds(cfg, batches, device="cpu", seed=0):
     return feeds
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now, for a server a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_pixels(png_b64: str):
+    """The pixels (numpy, as PIL reads them) of a base64 PNG, as the HTTP service returns its images."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.array(Image.open(io.BytesIO(base64.b64decode(png_b64))))
+
+
 def pytest_terminal_summary(terminalreporter):
     """Prints how many fault cases tests/test_faults*.py tried (issue 10 asks for the count)."""
     import sys

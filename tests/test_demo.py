@@ -1,6 +1,5 @@
 """The Gradio demo: its generate function, a real server queried with gradio_client, and a real browser."""
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 
 from ditexport.demo_app import (BUILTIN_KEY, NO_BLEND, DemoInputError, DemoLimits, DemoService, GenerateRequest,
                                 builtin_entry)
@@ -158,12 +158,6 @@ def test_exports_run_on_onnxruntime_and_blend_through_the_condition_graph(servic
 
 # ------------------------------------------------------------------------------------- a real server
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_exports(digits_export, tmp_path_factory):
     """The demo server's export root: the digits export; a copy whose manifest records a failed validation
@@ -191,7 +185,7 @@ def server(server_exports):
     """`python -m ditexport demo` in a subprocess on a free port; stopped at the end of the module."""
     tmp = server_exports.parent
     log_path = tmp / "server.log"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "ditexport", "demo", "--port", str(port), "--exports", str(server_exports),
            "--max-steps", "300"]

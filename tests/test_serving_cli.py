@@ -1,11 +1,8 @@
 """`python -m ditexport serve` as a user runs it: a process that starts its own Ray on loopback, answers like
 `python -m ditexport sample`, and stops on SIGTERM."""
-import base64
-import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,20 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port, png_pixels
 
 pytest.importorskip("ray.serve", reason="the service needs Ray Serve: pip install 'ditexport[serve]'")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pixels(png_b64: str) -> np.ndarray:
-    from PIL import Image
-
-    return np.array(Image.open(io.BytesIO(base64.b64decode(png_b64))))
 
 
 def get(url, body=None):
@@ -65,7 +51,7 @@ def test_serve_answers_as_sample_does_with_its_threads_and_stops_on_sigterm(digi
                         "--seed", "7", "--torch-threads", "2", "--out", str(tmp_path / "lone.png"), "--npz", str(npz)],
                        check=True, env=env, timeout=120)
         lone = np.load(npz)["arr_0"]
-        served = np.stack([pixels(image) for image in answer["images"]])
+        served = np.stack([png_pixels(image) for image in answer["images"]])
         assert np.array_equal(served.reshape(lone.shape), lone)
     finally:
         server.send_signal(signal.SIGTERM)  # as `kill` or `docker stop`; Ctrl-C takes the same path

@@ -1,6 +1,4 @@
 """The Ray Serve service on loopback, started once for the module on the digits export (onnxruntime)."""
-import base64
-import io
 import json
 import socket
 import threading
@@ -10,7 +8,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-import torch
+from conftest import free_port, png_pixels
 
 pytest.importorskip("ray.serve", reason="the service needs Ray Serve: pip install 'ditexport[serve]'")
 
@@ -21,12 +19,6 @@ from ditexport.serving.backend import open_served_backend  # noqa: E402
 from ditexport.serving.service import ServeSettings, deploy, shutdown  # noqa: E402
 
 SAMPLERS = [dict(sampler="ddim"), dict(sampler="ddpm"), dict(sampler="dpmpp-2m"), dict(sampler="ddim", eta=0.5)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +42,6 @@ def call(url, body=None, timeout=120):
             return response.status, response.headers, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, e.headers, json.loads(e.read())
-
-
-def pixels(png_b64: str) -> np.ndarray:
-    from PIL import Image
-
-    return np.array(Image.open(io.BytesIO(base64.b64decode(png_b64))))
 
 
 def test_concurrent_requests_each_equal_their_lone_sample(service, digits_export):
@@ -85,7 +71,7 @@ def test_concurrent_requests_each_equal_their_lone_sample(service, digits_export
         cfg = SamplerConfig(num_steps=body["steps"], method=body["sampler"], guidance_scale=body["guidance_scale"],
                             eta=body.get("eta", 0.0))
         lone = to_uint8(pipeline(body["class_labels"], seed=body["seed"], sampler_cfg=cfg, progress=False).images)
-        got = np.stack([pixels(p).reshape(lone.shape[1:]) for p in answer["images"]])
+        got = np.stack([png_pixels(p).reshape(lone.shape[1:]) for p in answer["images"]])
         assert np.array_equal(got, lone), body
 
 
@@ -173,7 +159,7 @@ def test_the_readme_curl_example_answers(service):
     assert status == 200 and len(answer["images"]) == len(sent["class_labels"])
     assert (answer["seed"], answer["steps"], answer["sampler"]) == (sent["seed"], sent["steps"], sent["sampler"])
     assert set(answer["timings"]) >= {"queued_s", "sampling_s", "total_s"}
-    assert pixels(answer["images"][0]).shape[:2] == (8, 8)
+    assert png_pixels(answer["images"][0]).shape[:2] == (8, 8)
 
 
 def test_the_demo_remote_service_shows_the_services_images(service, digits_export):
