@@ -84,10 +84,10 @@ class _Running:
         self.x = x_T.to(device)
         self.step_noise = None if step_noise is None else step_noise.to(device)
         self.x0_prev = torch.zeros_like(self.x)
-        self.k = sampler.step_coefficients(device)
-        self.timesteps = self.k.pop("t").tolist()
-        self.names = tuple(self.k)
-        self.table = torch.stack([self.k[name] for name in self.names], dim=1)  # (steps, coefficients), float32
+        k = sampler.step_coefficients(device)
+        self.timesteps = k.pop("t").tolist()
+        self.names = tuple(k)
+        self.table = torch.stack([k[name] for name in self.names], dim=1)  # (steps, coefficients), float32
         self.labels = torch.tensor(request.labels, dtype=torch.int64, device=device)
         self.images, self.guided, self.i = len(request.labels), sampler.guided, 0
         cfg = sampler.cfg
@@ -111,8 +111,8 @@ def _columns(segment: list[_Running]) -> dict[str, torch.Tensor]:
     """Each sample's coefficients of its request's current step, as (B, 1, 1, 1) columns (0-d tensors for a
     request alone in its group, as `Sampler.run` takes them)."""
     if len(segment) == 1:
-        r = segment[0]
-        return {name: v[r.i] for name, v in r.k.items()}
+        row = segment[0].table[segment[0].i]
+        return {name: row[j] for j, name in enumerate(segment[0].names)}
     rows = torch.stack([r.table[r.i] for r in segment])
     counts = [r.images for r in segment]
     if any(c != 1 for c in counts):
