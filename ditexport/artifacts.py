@@ -37,10 +37,17 @@ class ArtifactError(DitexportError):
 GRAPH_STEMS = {"xty": "model", "cond": "cond"}
 
 
+VAE_GRAPH = "vae"  # the VAE decoder's graph name in a manifest's "graphs" (latent models built with --vae)
+
+
 def onnx_filename(graph: str = "xty", precision: str = "fp32") -> str:
-    """model.onnx, model.fp16.onnx, cond.onnx, cond.fp16.onnx (fp32 carries no suffix)."""
-    base = GRAPH_STEMS[graph]
+    """model.onnx, model.fp16.onnx, cond.onnx, cond.fp16.onnx, vae.onnx, vae.fp16.onnx (fp32 carries no suffix)."""
+    base = VAE_GRAPH if graph == VAE_GRAPH else GRAPH_STEMS[graph]
     return f"{base}.onnx" if precision == "fp32" else f"{base}.{precision}.onnx"
+
+
+def vae_onnx_filename(precision: str = "fp32") -> str:
+    return onnx_filename(VAE_GRAPH, precision)
 
 
 def pixel_size(config) -> int:

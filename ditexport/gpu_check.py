@@ -117,7 +117,7 @@ def _subject(name: str, device: torch.device, out_dir: Path, level: int, log) ->
 
     def export() -> Path:
         # A validated export as `build` makes it, without the sample-level check (minutes for DiT-XL/2 on a CPU).
-        from .build import ensure_export
+        from .building import ensure_export
         from .source import ModelSource
 
         return ensure_export(model, ModelSource.resolve(name).to_manifest(), out_dir / slug, model_name=name, sample_steps=0,

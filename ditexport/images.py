@@ -235,3 +235,30 @@ def save_npz(images: torch.Tensor, path: str | Path, chunk: int = 1024) -> Path:
         for start in range(0, n, chunk):
             write(images[start:start + chunk])
     return Path(path)
+
+
+def write_samples(results, grid_path: str | Path, num_images: int, *, npz_path: str | Path | None = None,
+                  upscale: int = 1) -> dict:
+    """Streams a pipeline's chunk results (`Pipeline.chunks`) into a PNG grid and, with `npz_path`, an FID `.npz`
+    (the first 3 channels of undecoded latents); both files appear only when complete. Returns what was written
+    and how long sampling took: total_s, sampler_s, steps, chunks, shape (N, H, W, C)."""
+    import contextlib
+
+    summary = {"total_s": 0.0, "sampler_s": 0.0, "steps": 0, "chunks": 0, "shape": None}
+    with contextlib.ExitStack() as outputs:
+        # The grid is created now (an unwritable destination fails here) and published only when complete.
+        grid = outputs.enter_context(PngGridWriter(grid_path, num_images, upscale=upscale))
+        write_npz = None
+        for result in results:
+            images = result.images[:, :3]
+            grid.add(images)
+            _, c, h, w = images.shape
+            if npz_path is not None:
+                if write_npz is None:
+                    write_npz = outputs.enter_context(npz_writer(npz_path, num_images, h, w, c))
+                write_npz(images)
+            summary["total_s"] += result.total_s
+            summary["sampler_s"] += result.sampler_s
+            summary["steps"], summary["chunks"] = result.steps, summary["chunks"] + 1
+            summary["shape"] = (num_images, h, w, c)
+    return summary

@@ -1,4 +1,8 @@
-"""Labels, seed and sampler settings -> images, through a backend and a decoder, with timings."""
+"""Labels, seed and sampler settings -> images, through a backend and a decoder, with timings.
+
+`Pipeline` is the public entry point for sampling (`Pipeline.from_export(...)(class_labels=[...])`); it runs the
+sampler over any backend, CHUNK_IMAGES images at a time, and decodes with the export's VAE graphs where it has them.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .errors import DitexportError, UsageError
@@ -59,8 +64,16 @@ class VaeDecoder:
         self.vae.eval()
         self.dtype = dtype
 
+    @classmethod
+    def from_vae(cls, vae, dtype=torch.float32) -> "VaeDecoder":
+        """A decoder over an AutoencoderKL already loaded (in eval mode, on its device)."""
+        decoder = cls.__new__(cls)
+        decoder.vae, decoder.dtype = vae, dtype
+        return decoder
+
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.vae.device)
         return self.vae.decode((latents / VAE_SCALE).to(self.dtype)).sample.float()
 
 
@@ -98,13 +111,80 @@ def check_request(config, labels: list[int], seed: int, sampler_cfg: SamplerConf
     Sampler(sampler_cfg, config.in_channels, config.num_classes, config.learn_sigma)  # steps, method
 
 
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class PipelineOutput:
+    """What a pipeline call returns: the images in the asked form, and how long the work took."""
+    images: object                       # list of PIL images | (N, H, W, C) float32 numpy | (N, C, H, W) torch
+    labels: list[int]
+    seed: int
+    sampler: SamplerConfig
+    backend: str
+    precision: str
+    timings: dict                        # total_s, sampler_s, decode_s (sums over chunks), step_ms, chunks
+
+
+def _progress_wrapper(progress, name: str):
+    """The sampler's step-iterator wrapper for `progress`: False (none), True (a tqdm bar) or a callback
+    `progress(done_steps, total_steps)`."""
+    if not progress:
+        return None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        return lambda it: tqdm(it, desc=f"sampling ({name})", unit="step", leave=False)
+
+    def report(steps):
+        total = len(steps)
+        for i, step in enumerate(steps):
+            yield step
+            progress(i + 1, total)
+    return report
+
+
 class Pipeline:
-    """Sampler + backend + decoder. The backend decides where the chain runs."""
+    """Sampler + backend + decoder: class labels in, images out. The backend decides where the chain runs.
+
+        pipe = Pipeline.from_export("exports/digits", backend="onnxruntime")
+        out = pipe(class_labels=[3, 1, 4], num_steps=10, sampler="dpmpp-2m", seed=0)   # out.images: PIL images
+    """
 
     def __init__(self, backend: Backend, decoder=None):
         self.backend = backend
         self.decoder = decoder or IdentityDecoder()
         self.config = backend.config
+
+    # ------------------------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32", *,
+                    decoder="auto", device: str = "auto", max_batch: int | None = None,
+                    threads: int | None = None) -> "Pipeline":
+        """The validated export in `export_dir` on `backend` ("onnxruntime" or "tensorrt"; "torch" runs the
+        weights the export recorded). decoder: "auto" (the export's VAE graphs on the same runtime, where it has
+        them), "none", the path of a diffusers AutoencoderKL directory (torch reference), or a decoder object."""
+        from .backends.open import open_decoder, open_export_backend
+
+        runner = open_export_backend(export_dir, backend, precision, device=device, max_batch=max_batch,
+                                     threads=threads)
+        return cls(runner, open_decoder(decoder, export_dir, backend, precision, device=runner.device,
+                                        threads=threads))
+
+    @classmethod
+    def from_model(cls, model, device: str = "auto", precision: str = "fp32", *, decoder=None,
+                   max_batch: int | None = None, cuda_graph: bool = False,
+                   compile_mode: str | None = None) -> "Pipeline":
+        """A torch DiT (`ditexport.load_model`) as the reference backend; decoder: None, the path of a diffusers
+        AutoencoderKL directory, or a decoder object."""
+        from .backends.open import open_backend, open_decoder
+
+        runner = open_backend("torch", precision, model=model, device=device, max_batch=max_batch,
+                              cuda_graph=cuda_graph, compile_mode=compile_mode)
+        return cls(runner, open_decoder(decoder, None, "torch", precision, device=runner.device))
+
+    # ---------------------------------------------------------------------------------------- sampling
 
     def sampler(self, sampler_cfg: SamplerConfig) -> Sampler:
         return Sampler(sampler_cfg, self.config.in_channels, self.config.num_classes, self.config.learn_sigma)
@@ -113,21 +193,79 @@ class Pipeline:
         """Refuses a request before any work (see `check_request`)."""
         check_request(self.config, labels, seed, sampler_cfg)
 
-    def __call__(self, labels: list[int], seed: int = 0, sampler_cfg: SamplerConfig | None = None,
-                 progress: bool = True) -> SampleResult:
-        """All `labels` in one batch, noised from one generator seeded with `seed`."""
+    def __call__(self, class_labels, *, num_steps: int | None = None, sampler: str | None = None,
+                 guidance_scale: float | None = None, eta: float | None = None, seed: int = 0,
+                 output_type: str = "pil", sampler_cfg: SamplerConfig | None = None,
+                 progress=False) -> PipelineOutput:
+        """Images of `class_labels` (ints), sampled CHUNK_IMAGES at a time exactly as `python -m ditexport sample`
+        does: the same settings and seed give the same pixels.
+
+        Unset sampler settings take `SamplerConfig`'s defaults (or those of `sampler_cfg`). output_type: "pil"
+        (PIL images with the pixels `sample` writes), "np" (float32 N x H x W x C in [0, 1]) or "pt" (float32
+        N x C x H x W in [0, 1]). Samples that are not finite raise NonFiniteSamplesError. `progress`: False,
+        True (a tqdm bar) or a callback `progress(done_steps, total_steps)`.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise UsageError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}",
+                             "output_type")
+        cfg = sampler_cfg_with(sampler_cfg, num_steps=num_steps, method=sampler, guidance_scale=guidance_scale,
+                               eta=eta)
+        labels = _labels(class_labels)
+        parts, total_s, sampler_s, decode_s, steps = [], 0.0, 0.0, 0.0, 0
+        for result in self.chunks(labels, seed=seed, sampler_cfg=cfg, progress=progress):
+            parts.append(result.images)
+            total_s, sampler_s, decode_s = total_s + result.total_s, sampler_s + result.sampler_s, \
+                decode_s + result.decode_s
+            steps = result.steps
+        from .images import check_finite
+
+        images = torch.cat(parts)
+        check_finite(images)
+        timings = {"total_s": total_s, "sampler_s": sampler_s, "decode_s": decode_s,
+                   "step_ms": 1000 * sampler_s / (steps * len(parts)), "chunks": len(parts)}
+        return PipelineOutput(images=_convert(images, output_type), labels=labels, seed=seed, sampler=cfg,
+                              backend=self.backend.name, precision=self.backend.precision, timings=timings)
+
+    def run(self, labels: list[int], seed: int = 0, sampler_cfg: SamplerConfig | None = None,
+            progress=False) -> SampleResult:
+        """All `labels` in one batch, noised from one generator seeded with `seed`; images in [0, 1] as tensors."""
         sampler_cfg = sampler_cfg or SamplerConfig()
         self.check(labels, seed, sampler_cfg)
+        return self._sample(labels, seed, sampler_cfg, progress)
+
+    def chunks(self, labels: list[int], seed: int = 0, sampler_cfg: SamplerConfig | None = None,
+               progress=False, chunk_images: int = CHUNK_IMAGES) -> Iterator[SampleResult]:
+        """Any number of images, `chunk_images` at a time (chunk k noised from `chunk_seed(seed, k)`), so memory
+        stays bounded; yields each chunk's result. The request is checked once, now, before any work; a request of
+        several chunks shows progress over images."""
+        sampler_cfg = sampler_cfg or SamplerConfig()
+        self.check(labels, seed, sampler_cfg)
+        return self._chunks(labels, seed, sampler_cfg, progress, chunk_images)
+
+    def _chunks(self, labels, seed, sampler_cfg, progress, chunk_images) -> Iterator[SampleResult]:
+        bar = None
+        if progress is True and len(labels) > chunk_images:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(labels), desc="images", unit="image")
+        try:
+            for index, start in enumerate(range(0, len(labels), chunk_images)):
+                part = labels[start:start + chunk_images]
+                yield self._sample(part, chunk_seed(seed, index), sampler_cfg, progress)
+                if bar is not None:
+                    bar.update(len(part))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _sample(self, labels: list[int], seed: int, sampler_cfg: SamplerConfig, progress) -> SampleResult:
+        """One batch of a checked request."""
         sampler = self.sampler(sampler_cfg)
         device = self.backend.device
-        wrap = None
-        if progress:
-            from tqdm.auto import tqdm
-            wrap = lambda it: tqdm(it, desc=f"sampling ({self.backend.name})", unit="step", leave=False)
         y = torch.tensor([int(v) for v in labels], dtype=torch.int64)
         synchronize(device)
         start = time.perf_counter()
-        x0 = sampler.sample(self.backend, y, seed, self.config.input_size, device=device, progress=wrap)
+        x0 = sampler.sample(self.backend, y, seed, self.config.input_size, device=device,
+                            progress=_progress_wrapper(progress, self.backend.name))
         synchronize(device)
         sampled = time.perf_counter()
         images = self.decoder(x0).float()
@@ -137,22 +275,49 @@ class Pipeline:
                             precision=self.backend.precision, steps=sampler.num_steps,
                             total_s=done - start, sampler_s=sampled - start, decode_s=done - sampled)
 
-    def chunks(self, labels: list[int], seed: int = 0, sampler_cfg: SamplerConfig | None = None,
-               progress: bool = True, chunk_images: int = CHUNK_IMAGES) -> Iterator[SampleResult]:
-        """Any number of images, `chunk_images` at a time (chunk k noised from `chunk_seed(seed, k)`), so memory
-        stays bounded; yields each chunk's result. A request of several chunks shows progress over images."""
-        sampler_cfg = sampler_cfg or SamplerConfig()
-        self.check(labels, seed, sampler_cfg)
-        bar = None
-        if progress and len(labels) > chunk_images:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(labels), desc="images", unit="image")
-        try:
-            for index, start in enumerate(range(0, len(labels), chunk_images)):
-                part = labels[start:start + chunk_images]
-                yield self(part, seed=chunk_seed(seed, index), sampler_cfg=sampler_cfg, progress=progress)
-                if bar is not None:
-                    bar.update(len(part))
-        finally:
-            if bar is not None:
-                bar.close()
+    def close(self) -> None:
+        """Releases the backend's and the decoder's runtime resources."""
+        self.backend.close()
+        getattr(self.decoder, "close", lambda: None)()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def sampler_cfg_with(base: SamplerConfig | None = None, **settings) -> SamplerConfig:
+    """`base` (default: SamplerConfig()) with the settings that are not None replaced."""
+    from dataclasses import replace
+
+    given = {k: v for k, v in settings.items() if v is not None}
+    return replace(base or SamplerConfig(), **given)
+
+
+def _labels(class_labels) -> list[int]:
+    """Class labels as a list of ints; one int is one image."""
+    if isinstance(class_labels, (int, np.integer)):
+        class_labels = [class_labels]
+    if isinstance(class_labels, torch.Tensor):
+        class_labels = class_labels.reshape(-1).tolist()
+    labels = []
+    for value in class_labels:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise UsageError(f"class labels must be integers, got {value!r}", "labels")
+        labels.append(int(value))
+    return labels
+
+
+def _convert(images: torch.Tensor, output_type: str):
+    """(N, C, H, W) floats in [0, 1] -> the asked form; PIL takes the first 3 channels of latents shown undecoded."""
+    if output_type == "pt":
+        return images
+    if output_type == "np":
+        return images.permute(0, 2, 3, 1).numpy()
+    from PIL import Image
+
+    from .images import to_uint8
+
+    pixels = to_uint8(images[:, :3])
+    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]

@@ -8,15 +8,11 @@ The sampler knows nothing of runtimes.
 """
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from .diffusion import create_diffusion
-from .errors import UsageError
+from .settings import SAMPLING_METHODS, SamplerConfig, SamplerConfigError  # noqa: F401  (re-exported)
 
 
 def dpm_solver_timesteps(num_steps: int, diffusion_steps: int = 1000) -> np.ndarray:
@@ -71,36 +67,6 @@ def guide(cond, uncond, scale, guide_channels: int):
 def official_guide_channels(in_channels: int) -> int:
     """The official code guides 3 of the 4 latent channels (for reproducibility of its FID numbers)."""
     return min(3, in_channels)
-
-
-SAMPLING_METHODS = ("ddpm", "ddim", "dpmpp-2m")
-
-
-@dataclass
-class SamplerConfig:
-    """What to sample with; defaults are the official `sample.py` settings."""
-    num_steps: int = 250
-    method: str = "ddpm"             # "ddpm" (ancestral, learned/fixed variance), "ddim" or "dpmpp-2m" (DPM-Solver++)
-    guidance_scale: float = 4.0      # 1.0 disables guidance (no doubled batch)
-    eta: float = 0.0                 # DDIM stochasticity
-    guide_all_channels: bool = False  # official guides 3 latent channels; diffusers guides all
-    clip_denoised: bool = False      # official sample.py does not clip latents
-    respacing: str | None = None     # ddpm/ddim: overrides str(num_steps), e.g. "ddim50"
-
-    def __post_init__(self):
-        # NaN or inf here would run the whole chain and end in black images; refuse them where every caller
-        # (CLI, Python API, demo) passes.
-        for name in ("guidance_scale", "eta"):
-            value = getattr(self, name)
-            if not (isinstance(value, numbers.Real) and math.isfinite(value)):
-                raise SamplerConfigError(name, f"{name} must be a finite number, got {value!r}")
-
-
-class SamplerConfigError(UsageError):
-    """A sampler setting that cannot be sampled with; `field` names the SamplerConfig field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message, field)
 
 
 class Sampler:

@@ -5,16 +5,20 @@ weights did not change since the export.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import ArtifactError, manifest_flags
+import torch
+
+from .artifacts import ArtifactError, manifest_flags, rebuild_command
 from .checkpoint import CheckpointError, load_checkpoint
 from .hashing import sha256_file
 from .model import DIT_CONFIGS, DiT, DiTConfig, create_model, get_config
 from .zoo import BUILTIN_MODELS, builtin_weights, load_builtin
 
-KINDS = ("builtin", "random", "checkpoint")
+KINDS = ("builtin", "random", "checkpoint", "module")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,18 @@ class ModelSource:
     image_size: int | None = None
     seed: int = 0
     config: DiTConfig | None = None  # the exact config, when it is known (read back from a manifest)
+
+    @classmethod
+    def named(cls, model: str | Path = "digits", *, image_size: int | None = None, config: str | None = None,
+              seed: int = 0) -> ModelSource:
+        """`ditexport.load_model`'s one argument: a built-in model, a registry config (random weights) or the path
+        of a checkpoint file or directory."""
+        if isinstance(model, str) and (model in BUILTIN_MODELS or model in DIT_CONFIGS):
+            return cls.resolve(model, None, config, image_size, seed)
+        if isinstance(model, (str, Path)) and (Path(model).exists() or Path(model).suffix in CHECKPOINT_SUFFIXES):
+            return cls.resolve(None, model, config, image_size)  # a missing file is refused as it loads
+        raise CheckpointError(f"{str(model)!r} is neither a model ({', '.join([*BUILTIN_MODELS, *DIT_CONFIGS])}) "
+                              "nor an existing checkpoint file or directory")
 
     @classmethod
     def resolve(cls, model: str | None = None, checkpoint: str | Path | None = None, config: str | None = None,
@@ -53,8 +69,28 @@ class ModelSource:
         config = self.config or get_config(self.model or "", image_size=self.image_size)
         return create_model(config, seed=self.seed)
 
+    @property
+    def name(self) -> str:
+        """What the model is called in messages and reports: the built-in or config name, the checkpoint's."""
+        if self.kind == "checkpoint":
+            assert self.checkpoint is not None
+            return self.checkpoint.name
+        return self.model or "a model in memory"
+
+    def flags(self) -> list[str]:
+        """The model flags of the CLI that name this source (for rebuild commands)."""
+        if self.kind == "checkpoint":
+            return ["--checkpoint", str(self.checkpoint)] + (["--config", self.config_name] if self.config_name
+                                                             else [])
+        if self.kind == "module":
+            return []
+        flags = ["--model", self.model or "digits"]
+        return flags + (["--image-size", str(self.image_size)] if self.image_size is not None else [])
+
     def describe(self) -> str:
         """One line: where the weights come from."""
+        if self.kind == "module":
+            return "a DiT given in memory"
         if self.kind == "checkpoint":
             return f"checkpoint {self.checkpoint}"
         if self.kind == "builtin":
@@ -84,10 +120,14 @@ class ModelSource:
         return cls(kind, model=source.get("model"), checkpoint=Path(path) if path else None,
                    seed=int(source.get("seed") or 0), config=config)
 
-    def load_recorded(self, manifest: dict, rebuild: str | None = None) -> DiT:
+    def load_recorded(self, manifest: dict, rebuild: str | None = None, export_dir: str | Path | None = None) -> DiT:
         """The model of `from_manifest`, refusing weights whose SHA-256 changed since the export."""
         recorded = manifest.get("source") or {}
-        rebuild = rebuild or "python -m ditexport build " + " ".join(manifest_flags(manifest)) + " --force"
+        rebuild = rebuild or rebuild_command(export_dir or Path("exports") / str(manifest.get("name") or "NAME"),
+                                             manifest_flags(manifest))
+        if self.kind == "module":
+            raise ArtifactError("this export was built from a DiT given in memory, whose weights are not on file; "
+                                "build it again from Python with ditexport.build(model, export_dir, force=True)")
         if self.kind == "builtin":
             assert self.model is not None
             if sha256_file(builtin_weights(self.model)) != recorded.get("weights_sha256"):
@@ -104,4 +144,32 @@ class ModelSource:
 
     def available(self) -> bool:
         """Whether the weights are on this machine (a recorded checkpoint may have been moved away)."""
-        return self.kind != "checkpoint" or (self.checkpoint is not None and self.checkpoint.is_file())
+        if self.kind == "module":
+            return False
+        return self.kind != "checkpoint" or (self.checkpoint is not None and self.checkpoint.exists())
+
+
+# A DiT handed to `ditexport.build` carries the source it was loaded from (`load_model` records it), so its export
+# can be re-validated and rebuilt from the command line.
+_SOURCES: "weakref.WeakKeyDictionary[DiT, ModelSource]" = weakref.WeakKeyDictionary()
+
+
+def remember_source(model: DiT, source: ModelSource) -> DiT:
+    _SOURCES[model] = source
+    return model
+
+
+def source_of(model: DiT) -> ModelSource | None:
+    """The source `load_model` loaded `model` from; None for a DiT made some other way."""
+    return _SOURCES.get(model)
+
+
+def module_source_manifest(model: DiT) -> dict:
+    """The manifest's "source" of a DiT given in memory: its weights' SHA-256 (over names, shapes and bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"kind": "module", "model": None, "checkpoint": None, "weights_sha256": digest.hexdigest()}

@@ -132,16 +132,20 @@ def verify_files(export_dir: str | Path, files: dict[str, dict], check_hashes: b
 
 
 def verify_export(export_dir: str | Path, open_files=(), *, rebuild: str | None = None,
-                  require_validated: bool = True, all_sizes: bool = True) -> ExportEntry:
+                  require_validated: bool = True, all_sizes: bool = True, config=None) -> ExportEntry:
     """The export in `export_dir`, checked before anything in it is opened: every listed file (only `open_files`
-    without `all_sizes`) present with its size, and the SHA-256 of `open_files` (with their external data).
+    without `all_sizes`) present with its size, the SHA-256 of `open_files` (with their external data), and, with
+    `config` (a DiTConfig), that it was built for that model config.
 
-    Refuses, in one ArtifactError naming the file and the rebuild command, an incomplete, damaged or (with
-    `require_validated`) unvalidated export. Call it under `locking.read_lock` and open the files there too.
+    Refuses, in one ArtifactError naming the file and the rebuild command, an incomplete, damaged, (with
+    `require_validated`) unvalidated or other-model export. Call it under `locking.read_lock` and open the files
+    there too.
     """
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir, rebuild)
     rebuild = rebuild or rebuild_command(export_dir, manifest_flags(manifest))
+    if config is not None:
+        _check_config(export_dir, manifest, config)
     if require_validated and not (manifest.get("validation") or {}).get("passed"):
         raise ArtifactError(f"the export in {export_dir} failed validation (see {export_dir / REPORT_NAME}); "
                             f"rebuild it with: {rebuild}")
@@ -157,3 +161,14 @@ def verify_export(export_dir: str | Path, open_files=(), *, rebuild: str | None 
     if problems:
         raise ArtifactError(f"{export_dir}: {'; '.join(problems)}; rebuild with: {rebuild}")
     return ExportEntry(export_dir, manifest)
+
+
+def _check_config(export_dir: Path, manifest: dict, config) -> None:
+    from .artifacts import describe_config
+    from .model import DiTConfig
+
+    built = DiTConfig.from_dict(manifest["config"])
+    if built != config:
+        raise ArtifactError(f"the export in {export_dir} was built for another model config, "
+                            f"{describe_config(built)}, and this model is {describe_config(config)}; pass the "
+                            "matching --model/--image-size/--checkpoint, or the --export-dir of this model's export")

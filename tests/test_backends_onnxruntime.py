@@ -60,8 +60,8 @@ def test_batches_above_max_batch_are_split(exported):
 def test_pipeline_samples_like_torch(exported):
     model, xty, _ = exported
     cfg = SamplerConfig(num_steps=5, guidance_scale=3.0)
-    ours = Pipeline(OnnxRuntimeBackend(xty, model.config))([1, 2], seed=3, sampler_cfg=cfg, progress=False)
-    ref = Pipeline(TorchBackend(model))([1, 2], seed=3, sampler_cfg=cfg, progress=False)
+    ours = Pipeline(OnnxRuntimeBackend(xty, model.config)).run([1, 2], seed=3, sampler_cfg=cfg, progress=False)
+    ref = Pipeline(TorchBackend(model)).run([1, 2], seed=3, sampler_cfg=cfg, progress=False)
     assert ours.backend == "onnxruntime"
     assert relative_error(ours.images, ref.images)[0] < 1e-4
 

@@ -59,11 +59,11 @@ def test_split_batches_give_the_same_blend(model):
 def test_sampling_at_the_endpoints_reproduces_plain_sampling(model):
     backend = TorchBackend(model)
     cfg = SamplerConfig(num_steps=5, guidance_scale=3.0)
-    plain_a = Pipeline(backend)([1, 2], seed=3, sampler_cfg=cfg, progress=False).images
-    plain_b = Pipeline(backend)([7, 7], seed=3, sampler_cfg=cfg, progress=False).images
+    plain_a = Pipeline(backend).run([1, 2], seed=3, sampler_cfg=cfg, progress=False).images
+    plain_b = Pipeline(backend).run([7, 7], seed=3, sampler_cfg=cfg, progress=False).images
     blend = lambda w: BlendedConditionBackend(backend, TorchConditionEmbedder(model), 7, w)  # noqa: E731
-    assert torch.equal(Pipeline(blend(0.0))([1, 2], seed=3, sampler_cfg=cfg, progress=False).images, plain_a)
-    assert torch.equal(Pipeline(blend(1.0))([1, 2], seed=3, sampler_cfg=cfg, progress=False).images, plain_b)
+    assert torch.equal(Pipeline(blend(0.0)).run([1, 2], seed=3, sampler_cfg=cfg, progress=False).images, plain_a)
+    assert torch.equal(Pipeline(blend(1.0)).run([1, 2], seed=3, sampler_cfg=cfg, progress=False).images, plain_b)
 
 
 def test_rejects_weights_and_classes_out_of_range(model):

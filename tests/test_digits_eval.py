@@ -59,7 +59,7 @@ def test_evaluate_scores_guided_and_unguided_samples(reference):
     labels = np.repeat(np.arange(10), 2)
     for score in report.scores:
         # The same samples drawn again through the pipeline, classified and counted here.
-        images = Pipeline(backend)(labels.tolist(), seed=1, sampler_cfg=SamplerConfig(
+        images = Pipeline(backend).run(labels.tolist(), seed=1, sampler_cfg=SamplerConfig(
             num_steps=5, guidance_scale=score.guidance_scale)).images
         hits = reference.predict(images) == labels
         assert score.class_agreement == pytest.approx(hits.mean())

@@ -37,7 +37,7 @@ def test_counts_up_to_one_chunk_draw_exactly_the_single_batch_images(model):
     pipeline = Pipeline(TorchBackend(model))
     labels = [i % 10 for i in range(CHUNK_IMAGES)]
     (chunk,) = list(pipeline.chunks(labels, seed=7, sampler_cfg=CFG, progress=False))
-    assert torch.equal(chunk.images, pipeline(labels, seed=7, sampler_cfg=CFG, progress=False).images)
+    assert torch.equal(chunk.images, pipeline.run(labels, seed=7, sampler_cfg=CFG, progress=False).images)
 
 
 def test_larger_counts_run_in_chunks_of_bounded_batch_each_noised_by_its_own_seed(model):
@@ -48,7 +48,7 @@ def test_larger_counts_run_in_chunks_of_bounded_batch_each_noised_by_its_own_see
     assert [len(c.labels) for c in chunks] == [4, 4, 2]
     assert max(backend.batches) == 2 * 4  # guided: two rows per image, never more than one chunk's
     for index, (chunk, start) in enumerate(zip(chunks, (0, 4, 8))):
-        alone = pipeline(labels[start:start + 4], seed=chunk_seed(7, index), sampler_cfg=CFG, progress=False)
+        alone = pipeline.run(labels[start:start + 4], seed=chunk_seed(7, index), sampler_cfg=CFG, progress=False)
         assert chunk.seed == chunk_seed(7, index) and torch.equal(chunk.images, alone.images)
     assert chunk_seed(7, 0) == 7 and len({chunk_seed(7, k) for k in range(100)}) == 100
     assert all(0 <= chunk_seed(s, k) < 2**63 for s in (0, -5, 2**64 - 1) for k in (1, 2))
@@ -88,7 +88,7 @@ def test_non_finite_model_outputs_reach_the_result_unclamped(model):
     broken = create_model("DiT-tiny/2", seed=0)
     with torch.no_grad():
         broken.final_layer.linear.weight[0, 0] = math.inf
-    images = Pipeline(TorchBackend(broken))([1, 2], seed=0, sampler_cfg=CFG, progress=False).images
+    images = Pipeline(TorchBackend(broken)).run([1, 2], seed=0, sampler_cfg=CFG, progress=False).images
     assert not torch.isfinite(images).all()  # left for the writers to refuse, not clamped into black pixels
-    fine = Pipeline(TorchBackend(model))([1, 2], seed=0, sampler_cfg=CFG, progress=False).images
+    fine = Pipeline(TorchBackend(model)).run([1, 2], seed=0, sampler_cfg=CFG, progress=False).images
     assert torch.isfinite(fine).all() and fine.min() >= 0 and fine.max() <= 1

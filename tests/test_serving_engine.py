@@ -49,7 +49,7 @@ def test_each_request_equals_its_lone_sample_whatever_it_is_batched_with(backend
     exact = 0
     for (labels, seed, settings), future in zip(FIRST + LATER, futures):
         result = future.result(timeout=0)
-        lone = pipeline(labels, seed=seed, sampler_cfg=SamplerConfig(**settings), progress=False)
+        lone = pipeline.run(labels, seed=seed, sampler_cfg=SamplerConfig(**settings), progress=False)
         assert result.images.shape == lone.images.shape and result.steps == lone.steps
         assert torch.isfinite(result.images).all()
         lone_rows = len(labels) * (2 if settings["guidance_scale"] != 1.0 else 1)
@@ -75,7 +75,7 @@ def test_threaded_engine_cancels_and_bounds_its_queue(backend):
     try:
         assert first.result(timeout=120).images.shape[0] == 1
         third = engine.submit(make_request([3], 3, dict(num_steps=4, method="ddim")))
-        lone = Pipeline(backend)([3], seed=3, sampler_cfg=SamplerConfig(num_steps=4, method="ddim"), progress=False)
+        lone = Pipeline(backend).run([3], seed=3, sampler_cfg=SamplerConfig(num_steps=4, method="ddim"), progress=False)
         assert torch.equal(third.result(timeout=120).images, lone.images)
     finally:
         engine.stop()
@@ -132,7 +132,7 @@ def test_request_level_batching_admits_only_into_an_empty_batch(backend):
     stats = engine.stats()  # what /healthz and the load benchmark report
     assert stats["steps_run"] == 8 and stats["rows_run"] == 8 and stats["queue_depth"] == 0
     assert 0 < stats["forward_s"] <= stats["step_s"]
-    lone = Pipeline(backend)([2], seed=2, sampler_cfg=SamplerConfig(method="ddim", num_steps=3, guidance_scale=1.0),
+    lone = Pipeline(backend).run([2], seed=2, sampler_cfg=SamplerConfig(method="ddim", num_steps=3, guidance_scale=1.0),
                              progress=False)
     assert first.done() and torch.equal(second.result(timeout=0).images, lone.images)
 

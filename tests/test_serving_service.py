@@ -70,7 +70,7 @@ def test_concurrent_requests_each_equal_their_lone_sample(service, digits_export
         assert answer["seed"] == body["seed"] and answer["steps"] == body["steps"]
         cfg = SamplerConfig(num_steps=body["steps"], method=body["sampler"], guidance_scale=body["guidance_scale"],
                             eta=body.get("eta", 0.0))
-        lone = to_uint8(pipeline(body["class_labels"], seed=body["seed"], sampler_cfg=cfg, progress=False).images)
+        lone = to_uint8(pipeline.run(body["class_labels"], seed=body["seed"], sampler_cfg=cfg, progress=False).images)
         got = np.stack([png_pixels(p).reshape(lone.shape[1:]) for p in answer["images"]])
         assert np.array_equal(got, lone), body
 
@@ -172,7 +172,7 @@ def test_the_demo_remote_service_shows_the_services_images(service, digits_expor
     response = remote.generate(GenerateRequest(class_index=3, num_images=2, steps=4, sampler="ddim", guidance=2.0,
                                                seed=5))
     backend = open_served_backend(digits_export, backend="onnxruntime", max_batch=8)
-    lone = Pipeline(backend)([3, 3], seed=5, sampler_cfg=SamplerConfig(num_steps=4, method="ddim",
+    lone = Pipeline(backend).run([3, 3], seed=5, sampler_cfg=SamplerConfig(num_steps=4, method="ddim",
                                                                        guidance_scale=2.0), progress=False)
     assert np.array_equal(to_uint8(response.result.images), to_uint8(lone.images))
     assert response.images[0].shape == (16, 16, 3) and response.captions == ["3", "3"]
@@ -211,7 +211,7 @@ def test_demo_with_server_shows_the_services_images_through_gradio(service, digi
     finally:
         app.close()
     backend = open_served_backend(digits_export, backend="onnxruntime", max_batch=8)
-    lone = Pipeline(backend)([7, 7], seed=3, sampler_cfg=SamplerConfig(num_steps=5, method="dpmpp-2m"),
+    lone = Pipeline(backend).run([7, 7], seed=3, sampler_cfg=SamplerConfig(num_steps=5, method="dpmpp-2m"),
                              progress=False)
     shown = [np.asarray(Image.open(item["image"]).convert("RGB")) for item in gallery]
     assert len(shown) == 2 and f"2 images from {service}" in summary

@@ -9,8 +9,10 @@ pytest.importorskip("diffusers", reason="the VAE export needs diffusers (pip ins
 
 from ditexport.cli import main  # noqa: E402
 from ditexport.pipeline import VAE_SCALE, VaeDecoder  # noqa: E402
-from ditexport.vae import (REPORT_NAME, VaeDecodeGraph, VaeExportError, export_vae, load_vae,  # noqa: E402
-                           validate_vae_decoder, vae_onnx_filename, vae_scale_factor)
+from ditexport.artifacts import vae_onnx_filename  # noqa: E402
+from ditexport.export.vae import VaeDecodeGraph, sample_latents  # noqa: E402
+from ditexport.validate.vae import validate_vae_decoder  # noqa: E402
+from ditexport.vae import REPORT_NAME, VaeExportError, export_vae, load_vae, vae_scale_factor  # noqa: E402
 
 LATENT = 4  # 4x4 latents -> 8x8 images with two decoder blocks
 
@@ -91,7 +93,6 @@ def test_fp16_validation_sees_the_rounding_that_plain_cpu_execution_hides(export
     import onnxruntime as ort
 
     from ditexport.validate import relative_error
-    from ditexport.vae import VaeDecodeGraph, sample_latents
 
     root, report = exported
     vae = load_vae(root / "tiny-vae")
@@ -104,9 +105,9 @@ def test_fp16_validation_sees_the_rounding_that_plain_cpu_execution_hides(export
         assert 0 < plain_err < check["rel_err"]
 
 
-def test_no_engine_is_built_for_the_decoder(exported):
+def test_the_standalone_export_writes_only_the_decoder_graphs_and_its_report(exported):
     root, report = exported
-    assert "engine" not in report
+    assert "engine" not in report  # engines for the decoder come with a DiT export (build --vae)
     assert sorted(p.name for p in (root / "out").iterdir()) == ["vae.fp16.onnx", "vae.onnx", REPORT_NAME]
 
 

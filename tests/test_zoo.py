@@ -57,7 +57,7 @@ def test_unknown_builtin_is_a_user_error():
 def test_default_sampling_draws_the_requested_class(one_torch_thread):
     """100 digits with the defaults (250 DDPM steps, guidance 4) are classified as the requested class."""
     labels = [c for c in range(10) for _ in range(10)]
-    result = Pipeline(TorchBackend(load_builtin("digits")))(labels, seed=0, sampler_cfg=SamplerConfig(),
+    result = Pipeline(TorchBackend(load_builtin("digits"))).run(labels, seed=0, sampler_cfg=SamplerConfig(),
                                                              progress=False)
     agreement, per_class = DigitsReference().class_agreement(result.images, labels)
     print(f"class agreement of 100 guided samples: {100 * agreement:.1f} % "

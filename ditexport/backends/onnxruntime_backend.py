@@ -160,32 +160,9 @@ class OnnxRuntimeBackend(Backend):
     # ------------------------------------------------------------------------------------- running
 
     def _run(self, session: InferenceSession, feed: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.device.type == "cuda":
-            return self._run_bound(session, feed)
-        arrays = {name: value.detach().cpu().numpy() for name, value in feed.items()}
-        (out,) = session.run(["out"], arrays)
-        return torch.from_numpy(out)
-
-    def _run_bound(self, session: InferenceSession, feed: dict[str, torch.Tensor]) -> torch.Tensor:
-        """CUDA provider: inputs and the output stay in torch-owned device memory (I/O binding)."""
-        x = feed["x"]
         cfg = self.config
-        out = torch.empty((x.shape[0], cfg.out_channels, cfg.input_size, cfg.input_size), dtype=torch.float32,
-                          device=self.device)
-        binding = session.io_binding()
-        keep = []  # contiguous copies must outlive the run
-        for name, value in feed.items():
-            value = value.to(self.device).contiguous()
-            keep.append(value)
-            binding.bind_input(name, "cuda", self.device.index or 0,
-                               np.int64 if value.dtype == torch.int64 else np.float32,
-                               tuple(value.shape), value.data_ptr())
-        binding.bind_output("out", "cuda", self.device.index or 0, np.float32, tuple(out.shape), out.data_ptr())
-        # ORT runs on its own stream: the inputs written on torch's stream must be ready first.
-        torch.cuda.current_stream(self.device).synchronize()
-        session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-        return out
+        shape = (feed["x"].shape[0], cfg.out_channels, cfg.input_size, cfg.input_size)
+        return run_session(session, feed, "out", shape, self.device)
 
     def _forward(self, x, t, y):
         return self._run(self.session, {"x": x.float(), "t": t.long(), "y": y.long()})
@@ -204,3 +181,27 @@ class OnnxRuntimeBackend(Backend):
         # Drops the sessions and their memory; the backend cannot run afterwards.
         self.__dict__.pop("session", None)
         self.cond_session = None
+
+
+def run_session(session: InferenceSession, feed: dict[str, torch.Tensor], output: str, shape: tuple[int, ...],
+                device: torch.device) -> torch.Tensor:
+    """One float32 output of a session from torch inputs: through numpy on the CPU; on the CUDA provider with
+    inputs and the output in torch-owned device memory (I/O binding), no host copy."""
+    if device.type != "cuda":
+        arrays = {name: value.detach().cpu().numpy() for name, value in feed.items()}
+        (out,) = session.run([output], arrays)
+        return torch.from_numpy(out)
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    binding = session.io_binding()
+    keep = []  # contiguous copies must outlive the run
+    for name, value in feed.items():
+        value = value.to(device).contiguous()
+        keep.append(value)
+        binding.bind_input(name, "cuda", device.index or 0, np.int64 if value.dtype == torch.int64 else np.float32,
+                           tuple(value.shape), value.data_ptr())
+    binding.bind_output(output, "cuda", device.index or 0, np.float32, tuple(out.shape), out.data_ptr())
+    # ORT runs on its own stream: the inputs written on torch's stream must be ready first.
+    torch.cuda.current_stream(device).synchronize()
+    session.run_with_iobinding(binding)
+    binding.synchronize_outputs()
+    return out

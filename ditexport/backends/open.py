@@ -59,23 +59,30 @@ def open_backend(kind: str, precision: str = "fp32", *, model=None, config=None,
     return _open_tensorrt(Path(export_dir), config, device, max_batch, rebuild_hint)
 
 
+def export_manifest(export_dir: str | Path, rebuild_hint: str | None = None) -> dict:
+    """The manifest of the export a backend is to run, or one error saying how to build it."""
+    from ..artifacts import MANIFEST_NAME, read_manifest, rebuild_command
+
+    export_dir = Path(export_dir)
+    if not (export_dir / MANIFEST_NAME).is_file():
+        command = (rebuild_hint or rebuild_command(export_dir)).removesuffix(" --force")
+        raise DitexportError(f"no ONNX export in {export_dir}; build it first with: {command}")
+    return read_manifest(export_dir, rebuild_hint)
+
+
 def _device(device: str | torch.device) -> torch.device:
     return resolve_device(device) if isinstance(device, str) else device
 
 
 def _open_onnxruntime(export_dir: Path, precision: str, config, device, max_batch, threads, providers, hint,
                       all_sizes) -> Backend:
-    from ..artifacts import MANIFEST_NAME, rebuild_command
-    from ..build import open_export
     from ..locking import read_lock
     from ..verification import verify_export
     from .onnxruntime_backend import OnnxRuntimeBackend
 
     with read_lock(export_dir):  # a build writing the export is waited for, then its result is read
-        if not (export_dir / MANIFEST_NAME).is_file():
-            command = (hint or rebuild_command(export_dir)).removesuffix(" --force")
-            raise DitexportError(f"no ONNX export in {export_dir}; build it first with: {command}")
-        entry = open_export(export_dir, config, [], hint, all_sizes=all_sizes)
+        export_manifest(export_dir, hint)
+        entry = verify_export(export_dir, [], rebuild=hint, all_sizes=all_sizes, config=config)
         onnx_path, cond_path = entry.graph_path("xty", precision), entry.graph_path("cond", precision)
         if onnx_path is None:
             raise DitexportError(f"the export in {export_dir} has no {precision} graph; rebuild it with "
@@ -88,13 +95,13 @@ def _open_onnxruntime(export_dir: Path, precision: str, config, device, max_batc
 
 
 def _open_tensorrt(export_dir: Path, config, device: torch.device, max_batch, hint) -> Backend:
-    from ..build import open_export
     from ..engine import EngineError, current_environment, find_plan
     from ..locking import read_lock
+    from ..verification import verify_export
     from .tensorrt_backend import TensorRTBackend
 
     with read_lock(export_dir):
-        entry = open_export(export_dir, config, [], hint)  # validated, from this model
+        entry = verify_export(export_dir, [], rebuild=hint, config=config)  # validated, from this model
         env = current_environment(device)  # the plan for the GPU asked for (cuda:N), not the current one
         plan = find_plan(export_dir, environment=env)
         try:
@@ -111,3 +118,40 @@ def _entry_config(entry, config):
     from ..model import DiTConfig
 
     return config if config is not None else DiTConfig.from_dict(entry.manifest["config"])
+
+
+def open_export_backend(export_dir: str | Path, kind: str = "onnxruntime", precision: str = "fp32", *,
+                        device: str | torch.device = "auto", max_batch: int | None = None, threads: int | None = None,
+                        rebuild_hint: str | None = None) -> Backend:
+    """`open_backend` on a validated export: its graphs or plans checked against the manifest under the export's
+    read lock; the torch backend runs the weights the export was built from (refused when they changed since)."""
+    check_available(kind, device)
+    if kind == "torch":
+        from ..source import ModelSource
+        from ..verification import verify_export
+
+        manifest = verify_export(export_dir, [], rebuild=rebuild_hint, all_sizes=False).manifest
+        model = ModelSource.from_manifest(manifest).load_recorded(manifest, rebuild_hint, export_dir)
+        return open_backend("torch", precision, model=model, device=device, max_batch=max_batch)
+    return open_backend(kind, precision, export_dir=export_dir, device=device, max_batch=max_batch, threads=threads,
+                        rebuild_hint=rebuild_hint)
+
+
+def open_decoder(decoder, export_dir: str | Path | None, kind: str = "onnxruntime", precision: str = "fp32", *,
+                 device: str | torch.device = "cpu", threads: int | None = None):
+    """The decoder of a pipeline: None or "none" (samples are the images), "auto" (the export's VAE graphs on the
+    runtime `kind` runs, where the export has them; else none), a path to a local diffusers AutoencoderKL (the torch
+    reference), or a decoder object, returned as it is."""
+    if decoder is None or decoder == "none":
+        return None
+    if decoder == "auto":
+        if export_dir is None or kind == "torch":
+            return None
+        from .decoders import open_export_decoder
+
+        return open_export_decoder(Path(export_dir), kind, precision, device=device, threads=threads)
+    if isinstance(decoder, (str, Path)):
+        from ..pipeline import VaeDecoder
+
+        return VaeDecoder(decoder, device=_device(device) if isinstance(device, str) else device)
+    return decoder

@@ -4,17 +4,26 @@ The method is `settings.METHOD`, which every report records.
 """
 from __future__ import annotations
 
-from .backends import BenchContext, make_bench_backend
-from .measure import (dit_forward_flops, forward_inputs, fp16_matmul_tflops, sampler_step_ms, stability_warning,
-                      time_calls, timing_spread, unstable_rows)
-from .report import format_table, write_outputs, write_plot
-from .run import run_bench
-from .settings import (BASELINE, BENCH_BACKENDS, BenchSettings, GUIDED_BATCHES, QUALITY_SETTING, SAMPLING_STEPS, Skip,
-                       UNSTABLE_SPREAD)
+# name -> the module that defines it; imported on first use, so that the CLI's parser reads `settings` without torch
+_NAMES = {
+    "BenchContext": "backends", "make_bench_backend": "backends",
+    "dit_forward_flops": "measure", "forward_inputs": "measure", "fp16_matmul_tflops": "measure",
+    "sampler_step_ms": "measure", "stability_warning": "measure", "time_calls": "measure", "timing_spread": "measure",
+    "unstable_rows": "measure",
+    "format_table": "report", "write_outputs": "report", "write_plot": "report",
+    "run_bench": "run",
+    "BASELINE": "settings", "BENCH_BACKENDS": "settings", "BenchSettings": "settings", "GUIDED_BATCHES": "settings",
+    "QUALITY_SETTING": "settings", "SAMPLING_STEPS": "settings", "Skip": "settings", "UNSTABLE_SPREAD": "settings",
+}
 
-__all__ = ["BenchContext", "make_bench_backend", "dit_forward_flops", "forward_inputs", "fp16_matmul_tflops",
-           "sampler_step_ms", "stability_warning", "time_calls", "timing_spread", "unstable_rows", "format_table",
-           "write_outputs", "write_plot", "run_bench", "BASELINE", "BENCH_BACKENDS", "BenchSettings", "GUIDED_BATCHES",
-           "QUALITY_SETTING", "SAMPLING_STEPS", "Skip", "UNSTABLE_SPREAD"]
+__all__ = list(_NAMES)
 
 
+def __getattr__(name: str):
+    if name in _NAMES:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

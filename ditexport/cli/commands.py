@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DitexportError
-from .options import export_dir_of, load_cli_model, model_flags, rebuild_hint, resolve_device, set_threads
+from .options import (describe_model, export_dir_of, load_cli_model, model_source, rebuild_hint, resolve_device,
+                      set_threads)
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -40,8 +41,7 @@ def cmd_train_digits(args) -> int:
     from ..zoo.digits_eval import LEARNED_AGREEMENT, QUICK_PER_CLASS, QUICK_STEPS, quick_class_agreement
     from ..zoo.digits_train import DigitsTrainConfig, save_weights, train_digits, training_summary
 
-    cfg = DigitsTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                            **({"lr": args.lr} if args.lr is not None else {}))
+    cfg = DigitsTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr)
     out = train_digits_out(args)
     threads = set_threads(args, get_config(cfg.model).hidden_size)
     print(f"training {cfg.model} on scikit-learn's digits: {cfg.steps} steps, batch {cfg.batch_size}, "
@@ -63,16 +63,12 @@ def cmd_train_digits(args) -> int:
 
 
 def bench_export(args, model) -> Path:
-    """The export the bench's ONNX Runtime and TensorRT rows run: --export-dir, else the one `build` makes in
-    exports/<name>, built there first when missing (never a second export of the same model)."""
-    from ..artifacts import default_export_dir
-    from ..build import ensure_export
-    from ..source import ModelSource
+    """The export the bench's ONNX Runtime and TensorRT rows run: --export-dir, else the one `build` makes for the
+    same model flags, built there first when missing (never a second export of the same model)."""
+    from ..building import ensure_export
 
-    export_dir = args.export_dir or default_export_dir(args.model, args.checkpoint)
-    name = args.model or (Path(args.checkpoint).name if args.checkpoint else "digits")
-    source = ModelSource.resolve(args.model, args.checkpoint).to_manifest()
-    return ensure_export(model, source, export_dir, model_name=name)[0]
+    source = model_source(args)
+    return ensure_export(model, source.to_manifest(), export_dir_of(args), model_name=source.name)[0]
 
 
 def cmd_bench(args) -> int:
@@ -86,25 +82,24 @@ def cmd_bench(args) -> int:
             raise DitexportError(f"unknown bench backend(s) {', '.join(unknown)}; choose from "
                                  f"{', '.join(BENCH_BACKENDS)}")
     options = dict(device=args.device, backends=backends, compile_mode=args.compile_mode, out_dir=args.out,
-                   export_dir=args.export_dir, unguided=not args.no_unguided,
+                   export_dir=args.export_dir, unguided=not args.no_unguided, batch_sizes=args.batch_sizes,
                    builder_optimization_level=args.builder_optimization_level)
-    if args.batch_sizes is not None:
-        options["batch_sizes"] = args.batch_sizes
-    for name in ("warmup", "iters", "sample_steps"):
+    for name in ("warmup", "iters", "sample_steps"):  # unset: the full run's or --quick's
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     settings = BenchSettings.quick_settings(**options) if args.quick else BenchSettings(**options)
     resolve_device(args.device)  # before the model: --device cuda without a GPU is refused at once
-    model, source = load_cli_model(args)
-    source = source.describe()
+    model = load_cli_model(args)
+    source = describe_model(model)
     threads = set_threads(args, model.config.hidden_size)
     print(f"bench: {source}; guided batches {list(settings.batch_sizes)}"
           f"{' and 1 unguided' if settings.unguided else ''}; {settings.warmup} warm-up + {settings.iters} "
           f"timed calls each{' (quick)' if settings.quick else ''}; {threads}")
     report = run_bench(model, source, settings, export=lambda: bench_export(args, model))
-    from ..artifacts import export_name
+    from ..artifacts import default_export_dir
 
-    stem = f"bench-{export_name(args.model, args.checkpoint)}-{report['machine']['device']}"
+    name = default_export_dir(args.model, args.checkpoint, image_size=args.image_size).name  # the model's, not --export-dir's
+    stem = f"bench-{name}-{report['machine']['device']}"
     json_path, png_path, plot_note = write_outputs(report, args.out, stem)
     print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else f" (plot skipped: {plot_note})"))
     for item in report["skipped"]:
@@ -154,29 +149,27 @@ def cmd_export_vae(args) -> int:
 # ------------------------------------------------------------------------------------- build, validate
 
 def cmd_build(args) -> int:
-    from ..artifacts import rebuild_command
-    from ..build import build_export, parse_precisions
+    from ..api import ValidationFailedError, build
+    from ..building import parse_precisions
+    from ..settings import BuildSettings
 
-    precisions = parse_precisions(args.precision)
+    settings = BuildSettings(precisions=parse_precisions(args.precision), max_images=args.max_batch,
+                             opset=args.opset, sample_steps=args.sample_steps, vae=args.vae, force=args.force,
+                             wait=not args.no_wait)
     out = export_dir_of(args)
-    model, resolved = load_cli_model(args)
-    source = resolved.to_manifest()
-    print(f"model: {resolved.describe()}; {set_threads(args, model.config.hidden_size)}")
-    # Hints (and engine errors) quote the command that rebuilds this export: the user's flags, forced.
-    flags = model_flags(args) or ["--model", "digits"]
-    for flag, value, default in (("--precision", args.precision, "fp32,fp16"), ("--max-batch", args.max_batch, 8),
-                                 ("--opset", args.opset, None)):
-        if value != default:
-            flags += [flag, str(value)]
-    return build_export(model, source, out, precisions=precisions, max_images=args.max_batch, opset=args.opset,
-                        force=args.force, sample_steps=args.sample_steps, rebuild_command=rebuild_command(out, flags),
-                        build_flags=flags, wait=not args.no_wait,
-                        model_name=args.model or (Path(args.checkpoint).name if args.checkpoint else "digits"))
+    model = load_cli_model(args)
+    print(f"model: {describe_model(model)}; {set_threads(args, model.config.hidden_size)}")
+    try:
+        build(model, out, **{f: getattr(settings, f) for f in settings.__dataclass_fields__})
+    except ValidationFailedError:
+        return 1  # the report, ending in FAILED, has been printed
+    return 0
 
 
 def cmd_validate(args) -> int:
+    from ..api import ValidationFailedError, open_export
     from ..artifacts import read_manifest
-    from ..build import check_source, revalidate
+    from ..building import check_source
 
     export_dir = export_dir_of(args)
     hint = rebuild_hint(args, export_dir)
@@ -184,4 +177,8 @@ def cmd_validate(args) -> int:
     check_source(manifest, export_dir, model=args.model, checkpoint=args.checkpoint, config=args.config,
                  image_size=args.image_size)
     print(f"validate: {export_dir}; {set_threads(args, manifest['config']['hidden_size'])}")
-    return revalidate(export_dir, sample_steps=args.sample_steps, rebuild=hint, wait=not args.no_wait)
+    try:
+        open_export(export_dir).validate(sample_steps=args.sample_steps, wait=not args.no_wait)
+    except ValidationFailedError:
+        return 1
+    return 0

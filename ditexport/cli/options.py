@@ -13,15 +13,29 @@ def set_threads(args, hidden_size: int | None) -> str:
     return describe_threads(*resolve_threads(args.torch_threads, hidden_size))
 
 
-def load_cli_model(args):
-    """The model of the model flags and its `ModelSource`, with a line every 10 s while a big one is built
-    (DiT-XL/2: about 25 s)."""
-    from ..progress import heartbeat
+def model_source(args):
+    """The `ModelSource` of the model flags (all four, the same for every command)."""
     from ..source import ModelSource
 
-    source = ModelSource.resolve(args.model, args.checkpoint, args.config, args.image_size)
+    return ModelSource.resolve(args.model, args.checkpoint, args.config, args.image_size)
+
+
+def load_cli_model(args):
+    """The model of the model flags, as `ditexport.load_model` loads it, with a line every 10 s while a big one is
+    built (DiT-XL/2: about 25 s)."""
+    from ..progress import heartbeat
+    from ..source import remember_source
+
+    source = model_source(args)
     with heartbeat(print, f"model: loading {args.checkpoint or args.model or 'digits'}"):
-        return source.load(), source
+        return remember_source(source.load(), source)
+
+
+def describe_model(model) -> str:
+    """One line: where a model from `load_cli_model` comes from."""
+    from ..source import source_of
+
+    return source_of(model).describe()
 
 
 SAMPLER_FLAGS = {"guidance_scale": "--cfg-scale", "eta": "--eta", "num_steps": "--steps"}

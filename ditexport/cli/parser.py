@@ -6,6 +6,8 @@ import argparse
 from .commands import cmd_bench, cmd_build, cmd_demo, cmd_export_vae, cmd_gpu_check, cmd_train_digits, cmd_validate
 from .sampling import cmd_eval, cmd_info, cmd_sample
 from ..serving.command import add_serve_parser
+from ..bench.settings import BENCH_BACKENDS, BenchSettings
+from ..settings import SAMPLING_METHODS, BuildSettings, DigitsTrainConfig, EvalSettings, SamplerConfig
 
 
 class Labels(list):
@@ -47,20 +49,27 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="image size of an official latent model (sets input size = size / 8)")
 
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m")  # sampler.SAMPLING_METHODS, spelled out so --help needs no torch
-SAMPLER_HELP = "ddpm (official), ddim, or dpmpp-2m: DPM-Solver++ (2M), 20-25 steps as diffusers (default: ddpm)"
+SAMPLERS = SAMPLING_METHODS
+SAMPLER_HELP = (f"ddpm (official), ddim, or dpmpp-2m: DPM-Solver++ (2M), 20-25 steps as diffusers "
+                f"(default: {SamplerConfig.method})")
+SAMPLER = SamplerConfig()  # the defaults of every sampler flag
 
 
-def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+def add_sampler_arguments(p: argparse.ArgumentParser, guidance_help: str | None = None) -> None:
     g = p.add_argument_group("sampler")
-    g.add_argument("--steps", type=positive_int, default=250, help="sampling steps (default: 250, official)")
-    g.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help=SAMPLER_HELP)
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (default: 0)")
-    g.add_argument("--cfg-scale", type=float, default=4.0,
-                   help="classifier-free guidance scale; 1 disables guidance (default: 4.0, official)")
-    g.add_argument("--guide-all-channels", action="store_true",
+    g.add_argument("--steps", type=positive_int, default=SAMPLER.num_steps,
+                   help=f"sampling steps (default: {SAMPLER.num_steps}, official)")
+    g.add_argument("--sampler", choices=SAMPLERS, default=SAMPLER.method, help=SAMPLER_HELP)
+    g.add_argument("--cfg-scale", type=float, default=SAMPLER.guidance_scale,
+                   help=guidance_help or f"classifier-free guidance scale; 1 disables guidance (default: "
+                                         f"{SAMPLER.guidance_scale}, official)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the one CPU generator behind all noise (default: 0)")
+
+
+def add_sampler_detail_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eta", type=float, default=SAMPLER.eta, help=f"DDIM stochasticity (default: {SAMPLER.eta:g})")
+    p.add_argument("--guide-all-channels", action="store_true", default=SAMPLER.guide_all_channels,
                    help="guide every latent channel (diffusers) instead of the official first 3")
-    g.add_argument("--seed", type=int, default=0, help="seed of the one CPU generator behind all noise")
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
@@ -96,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and write them as a PNG grid; prints the time per step.")
     add_model_arguments(p)
     add_sampler_arguments(p)
+    add_sampler_detail_arguments(p)
     p.add_argument("--classes", type=parse_labels, default=None, help="comma-separated class labels, e.g. 3,1,4")
     p.add_argument("--num-images", type=positive_int, default=8,
                    help="images when --classes is not given, cycling through the classes (default: 8)")
@@ -112,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch: run torch.compile(model, mode=MODE) (opt-in; compiling takes a while)")
     p.add_argument("--export-dir", default=None,
                    help="export to run with --backend onnxruntime/tensorrt (default: exports/<model name>)")
-    p.add_argument("--vae", default=None, help="local directory of a diffusers AutoencoderKL (latent models)")
+    p.add_argument("--vae", default=None,
+                   help="decode with this local diffusers AutoencoderKL in torch (the reference; default: the "
+                        "export's VAE graphs on --backend where it has them, or a diffusers model directory's vae/)")
     p.add_argument("--out", default="samples.png", help="output PNG (default: samples.png)")
     p.add_argument("--npz", default=None, metavar="PATH",
                    help="also write the samples for FID as the official sample_ddp.py: arr_0, N x H x W x C uint8")
@@ -145,10 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-digits", help="retrain the built-in digits DiT",
                        description="Train the built-in digits DiT on scikit-learn's bundled 8x8 digits with DiT's "
                        "recipe (seeded, reproducible); writes EMA weights.safetensors and config.json.")
-    p.add_argument("--steps", type=positive_int, default=4000, help="optimiser steps (default: 4000)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per step (default: 64)")
-    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches, t, noise and dropout")
+    train = DigitsTrainConfig()
+    p.add_argument("--steps", type=positive_int, default=train.steps, help=f"optimiser steps (default: {train.steps})")
+    p.add_argument("--batch-size", type=positive_int, default=train.batch_size,
+                   help=f"images per step (default: {train.batch_size})")
+    p.add_argument("--lr", type=float, default=train.lr, help=f"peak AdamW learning rate (default: {train.lr:g})")
+    p.add_argument("--seed", type=int, default=train.seed,
+                   help=f"seed of initialisation, batches, t, noise and dropout (default: {train.seed})")
     p.add_argument("--out", default=None, help="output directory (default: a new runs/digits-<date>-<time>)")
     p.add_argument("--overwrite-builtin", action="store_true",
                    help="write into the package's ditexport/zoo/digits, replacing the shipped weights")
@@ -160,12 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "the real digits: the share a real-digit classifier assigns to the requested class, and "
                        "a Fréchet distance in pixel space beside the real-vs-real floor.")
     add_model_arguments(p)
-    p.add_argument("--num-per-class", type=positive_int, default=100, help="digits per class (default: 100)")
-    p.add_argument("--steps", type=positive_int, default=250, help="sampling steps (default: 250)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help=SAMPLER_HELP)
-    p.add_argument("--cfg-scale", type=float, default=4.0,
-                   help="guidance scale; the unguided scale 1 is always measured beside it (default: 4.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+    p.add_argument("--num-per-class", type=positive_int, default=EvalSettings.num_per_class,
+                   help=f"digits per class (default: {EvalSettings.num_per_class})")
+    add_sampler_arguments(p, guidance_help="guidance scale; the unguided scale 1 is always measured beside it "
+                                           f"(default: {SAMPLER.guidance_scale})")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default: cpu)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this path")
     add_threads_argument(p)
@@ -176,28 +189,37 @@ def build_parser() -> argparse.ArgumentParser:
                        "images/s for 250- and 50-step sampling, % of the fp16 matmul rate (GPU) and the ratio to "
                        "torch eager; writes JSON and a PNG plot and ends with a table.")
     add_model_arguments(p)
+    bench, quick = BenchSettings(), BenchSettings.quick_settings()
     p.add_argument("--backends", default=None,
-                   help="comma-separated subset of torch-eager, torch-cuda-graph, torch-compile, onnxruntime-fp32, "
-                        "onnxruntime-fp16, tensorrt (default: all; those this machine cannot run are skipped)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto, the GPU when there is one)")
-    p.add_argument("--batch-sizes", type=parse_batch_sizes, default=None,
-                   help="guided forward batch sizes, 2 rows per image (default: 2,8,32,64)")
-    p.add_argument("--no-unguided", action="store_true", help="skip the unguided batch-1 row")
-    p.add_argument("--quick", action="store_true",
-                   help="fast run: 2 warm-up + 5 timed calls, a 20-step end-to-end sample, a smaller matmul")
-    p.add_argument("--warmup", type=positive_int, default=None, help="untimed calls before timing (default: 5)")
-    p.add_argument("--iters", type=positive_int, default=None, help="timed calls per measurement (default: 30)")
+                   help=f"comma-separated subset of {', '.join(BENCH_BACKENDS)} (default: all; those this machine "
+                        "cannot run are skipped)")
+    p.add_argument("--device", default=bench.device,
+                   help=f"cpu, cuda or auto (default: {bench.device}; auto is the GPU when there is one)")
+    p.add_argument("--batch-sizes", type=parse_batch_sizes, default=bench.batch_sizes,
+                   help=f"guided forward batch sizes, 2 rows per image (default: {','.join(map(str, bench.batch_sizes))})")
+    p.add_argument("--no-unguided", action="store_true", default=not bench.unguided,
+                   help="skip the unguided batch-1 row")
+    p.add_argument("--quick", action="store_true", default=bench.quick,
+                   help=f"fast run: {quick.warmup} warm-up + {quick.iters} timed calls, a {quick.sample_steps}-step "
+                        "end-to-end sample, a smaller matmul")
+    p.add_argument("--warmup", type=positive_int, default=None,
+                   help=f"untimed calls before timing (default: {bench.warmup}; --quick: {quick.warmup})")
+    p.add_argument("--iters", type=positive_int, default=None,
+                   help=f"timed calls per measurement (default: {bench.iters}; --quick: {quick.iters})")
     p.add_argument("--sample-steps", type=positive_int, default=None,
-                   help="steps of the end-to-end guided sample (default: 250)")
-    p.add_argument("--compile-mode", default="reduce-overhead",
+                   help=f"steps of the end-to-end guided sample (default: {bench.sample_steps}; --quick: "
+                        f"{quick.sample_steps})")
+    p.add_argument("--compile-mode", default=bench.compile_mode,
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-                   help="torch.compile mode of the torch-compile backend (default: reduce-overhead)")
-    p.add_argument("--builder-optimization-level", type=int, default=3, choices=range(0, 6),
-                   help="TensorRT builder optimization level for the bench engine (default: 3)")
+                   help=f"torch.compile mode of the torch-compile backend (default: {bench.compile_mode})")
+    p.add_argument("--builder-optimization-level", type=int, default=bench.builder_optimization_level,
+                   choices=range(0, 6),
+                   help=f"TensorRT builder optimization level for the bench engine (default: "
+                        f"{bench.builder_optimization_level})")
     p.add_argument("--export-dir", default=None,
                    help="the export whose ONNX graphs and engine to run (default: exports/<model name>, the one "
                         "`build` makes, built there first when missing)")
-    p.add_argument("--out", default="exports/bench", help="output directory (default: exports/bench)")
+    p.add_argument("--out", default=bench.out_dir, help=f"output directory (default: {bench.out_dir})")
     add_threads_argument(p)
     p.set_defaults(func=cmd_bench)
 
@@ -221,15 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-vae", help="export the VAE decoder to ONNX",
                        description="Export a diffusers AutoencoderKL decoder from a local directory to ONNX fp32/fp16 "
-                       "with a dynamic batch and validate it on ONNX Runtime against torch (fp16 emulated on the CPU). "
-                       "No TensorRT engine: the decoder runs once per sample (docs/gpu.md).")
+                       "with a dynamic batch and validate it on ONNX Runtime against torch (fp16 emulated on the CPU), "
+                       "on its own. `build --vae DIR` runs the same stage inside a DiT export, where sample, serve and "
+                       "the demo decode with it, and compiles it with the DiT's engines.")
     p.add_argument("--vae", required=True, help="local directory of a diffusers AutoencoderKL")
     p.add_argument("--out", default="exports/vae", help="output directory (default: exports/vae)")
     p.add_argument("--image-size", type=int, default=256,
                    help="image side the decoder produces; latent side = size / the VAE's factor (default: 256)")
     p.add_argument("--latent-size", type=positive_int, default=None, help="latent side (overrides --image-size)")
     p.add_argument("--precision", default="fp32,fp16", help="comma-separated: fp32, fp16 (default: both)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
+    p.add_argument("--opset", type=int, default=BuildSettings.opset, help=f"ONNX opset (default: {BuildSettings.opset})")
     add_threads_argument(p)
     p.set_defaults(func=cmd_export_vae)
 
@@ -242,17 +265,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", "--out", dest="export_dir", default=None,
                    help="export directory (default: exports/<checkpoint name>, exports/digits, or "
                         "exports/<config>-<size> such as exports/DiT-S-2-256); --out is an alias")
-    p.add_argument("--precision", default="fp32,fp16",
-                   help="comma-separated graph precisions; fp32 is always built, as the reference (default: fp32,fp16)")
-    p.add_argument("--max-batch", type=positive_int, default=8,
-                   help="images per request the engine profile covers; guidance doubles the rows (default: 8)")
-    p.add_argument("--opset", type=int, default=None,
-                   help="ONNX opset (default: 18; 23+ exports attention as the ONNX Attention op)")
-    p.add_argument("--sample-steps", type=int, default=None,
+    build = BuildSettings()
+    p.add_argument("--precision", default=",".join(build.precisions),
+                   help="comma-separated graph precisions; fp32 is always built, as the reference "
+                        f"(default: {','.join(build.precisions)})")
+    p.add_argument("--max-batch", type=positive_int, default=build.max_images,
+                   help="images per request the engine profile covers; guidance doubles the rows "
+                        f"(default: {build.max_images})")
+    p.add_argument("--opset", type=int, default=build.opset,
+                   help=f"ONNX opset (default: {build.opset}; 23+ exports attention as the ONNX Attention op)")
+    p.add_argument("--sample-steps", type=int, default=build.sample_steps,
                    help="steps of the sample-level parity check, 0 to skip (default: 50 for digits, else 5)")
-    p.add_argument("--force", action="store_true", help="rebuild even when the export is up to date")
+    p.add_argument("--vae", default=build.vae,
+                   help="latent models: a local diffusers AutoencoderKL directory whose decoder is exported, validated "
+                        "and compiled into the same export (default: a diffusers model directory's vae/)")
+    p.add_argument("--force", action="store_true", default=build.force,
+                   help="rebuild even when the export is up to date")
     add_threads_argument(p)
-    p.add_argument("--no-wait", action="store_true",
+    p.add_argument("--no-wait", action="store_true", default=not build.wait,
                    help="refuse instead of waiting when another build is writing the export directory")
     p.set_defaults(func=cmd_build)
 
@@ -263,10 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", default=None,
                    help="export directory (default: the model's, as for build); with model flags, the export "
                         "must have been built from that model")
-    p.add_argument("--sample-steps", type=int, default=None,
+    p.add_argument("--sample-steps", type=int, default=BuildSettings.sample_steps,
                    help="steps of the sample-level parity check, 0 to skip (default: 50 for digits, else 5)")
     add_threads_argument(p)
-    p.add_argument("--no-wait", action="store_true", help="refuse instead of waiting while a build writes the export")
+    p.add_argument("--no-wait", action="store_true", default=not BuildSettings.wait,
+                   help="refuse instead of waiting while a build writes the export")
     p.set_defaults(func=cmd_validate)
     for command in sub.choices.values():  # -v/-q also after the sub-command
         add_verbosity_arguments(command, default=argparse.SUPPRESS)

@@ -1,12 +1,11 @@
 """`info`, `sample` and `eval`."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from ..errors import DitexportError
-from .options import (check_device_name, check_output_file, check_seed_flag, export_dir_of, load_cli_model,
-                      rebuild_hint, resolve_device, sampler_config, set_threads)
+from .options import (check_device_name, check_output_file, check_seed_flag, describe_model, export_dir_of,
+                      load_cli_model, rebuild_hint, resolve_device, sampler_config, set_threads)
 
 
 # ----------------------------------------------------------------------------------------------- info
@@ -41,29 +40,48 @@ def cmd_info(args) -> int:
 
 # --------------------------------------------------------------------------------------------- sample
 
-def make_backend(args, model):
-    """The backend named by --backend, for `sample`: the model itself, or its validated export (--export-dir,
-    or exports/<name>)."""
-    from ..backends.open import open_backend
-
-    export_dir = None if args.backend == "torch" else export_dir_of(args)
-    return open_backend(args.backend, getattr(args, "precision", "fp32"), model=model, export_dir=export_dir,
-                        device=args.device, max_batch=args.max_batch, cuda_graph=getattr(args, "cuda_graph", False),
-                        compile_mode=getattr(args, "torch_compile", None),
-                        rebuild_hint=rebuild_hint(args, export_dir) if export_dir is not None else None)
-
-
-def check_backend_available(args) -> None:
-    """The cheap checks of --backend, --device and --precision, made before the model is built."""
+def sample_pipeline(args):
+    """The `Pipeline` of sample's flags and the banner's thread text: the torch model itself, or the validated export
+    (--export-dir, or the model flags' default one), whose config comes from its manifest (no torch model built)."""
     from ..backends.open import check_available
+    from ..pipeline import Pipeline
 
-    check_device_name(args.device)
     check_available(args.backend, args.device)
+    if args.backend == "torch":
+        model = load_cli_model(args)
+        threads = set_threads(args, model.config.hidden_size)
+        decoder = args.vae or default_vae(args)
+        return Pipeline.from_model(model, device=args.device, precision=args.precision, decoder=decoder,
+                                   max_batch=args.max_batch, cuda_graph=args.cuda_graph,
+                                   compile_mode=args.torch_compile), describe_model(model), threads
+    from ..backends.open import export_manifest
+    from ..building import check_source
+
+    export_dir = export_dir_of(args)
+    hint = rebuild_hint(args, export_dir)
+    manifest = export_manifest(export_dir, hint)
+    check_source(manifest, export_dir, model=args.model, checkpoint=args.checkpoint, config=args.config,
+                 image_size=args.image_size)
+    threads = set_threads(args, manifest["config"]["hidden_size"])
+    pipeline = Pipeline.from_export(export_dir, args.backend, args.precision, decoder=args.vae or "auto",
+                                    device=args.device, max_batch=args.max_batch)
+    return pipeline, f"export {export_dir}", threads
+
+
+def default_vae(args):
+    """A diffusers-layout model directory's own `vae/`, where the checkpoint is one; else no decoder."""
+    if args.checkpoint is None:
+        return None
+    try:
+        from ..diffusers_format import vae_dir_of
+    except ImportError:
+        return None
+    return vae_dir_of(args.checkpoint)
 
 
 def cmd_sample(args) -> int:
-    from ..images import PngGridWriter, npz_writer
-    from ..pipeline import CHUNK_IMAGES, Pipeline, VaeDecoder, check_request
+    from ..images import write_samples
+    from ..pipeline import CHUNK_IMAGES, IdentityDecoder
 
     # Everything the flags alone can refuse is refused before the model is built or anything sampled.
     sampler_cfg = sampler_config(args)
@@ -73,46 +91,24 @@ def cmd_sample(args) -> int:
         raise DitexportError(f"--classes {args.classes.text!r} names no class label; give e.g. --classes 3,1,4")
     out = check_output_file(args.out)
     npz = check_output_file(args.npz, "--npz") if args.npz else None
-    check_backend_available(args)
-    model, source = load_cli_model(args)
-    source = source.describe()
-    cfg = model.config
+    pipeline, where, threads = sample_pipeline(args)
+    cfg = pipeline.config
     labels = args.classes or [i % cfg.num_classes for i in range(args.num_images)]
-    check_request(cfg, labels, args.seed, sampler_cfg)
-    threads = set_threads(args, cfg.hidden_size)
-    backend = make_backend(args, model)
-    decoder = None
-    if args.vae is not None:
-        decoder = VaeDecoder(args.vae, device=backend.device)
-    pipeline = Pipeline(backend, decoder)
-    if cfg.in_channels == 4 and args.vae is None:
-        print("note: latent model without --vae: writing the first 3 latent channels, not decoded images")
-    print(f"model: {source}; backend: {backend.describe()}, {threads}; {len(labels)} images, {args.steps} "
-          f"{args.sampler} steps, guidance {args.cfg_scale}")
-    upscale = max(1, 64 // cfg.input_size) if args.vae is None else 1  # 8x8 digits are too small to see unscaled
-    total_s = sampler_s = 0.0
-    chunks = steps = 0
-    with contextlib.ExitStack() as outputs:
-        # Both files are created now (an unwritable destination fails here) and published only when complete.
-        grid = outputs.enter_context(PngGridWriter(out, len(labels), upscale=upscale))
-        write_npz = None
-        for result in pipeline.chunks(labels, seed=args.seed, sampler_cfg=sampler_cfg, progress=not args.quiet):
-            images = result.images[:, :3]
-            grid.add(images)
-            if npz is not None:
-                if write_npz is None:
-                    _, c, h, w = images.shape
-                    write_npz = outputs.enter_context(npz_writer(npz, len(labels), h, w, c))
-                write_npz(images)
-            total_s, sampler_s, steps, chunks = total_s + result.total_s, sampler_s + result.sampler_s, \
-                result.steps, chunks + 1
+    chunks = pipeline.chunks(labels, seed=args.seed, sampler_cfg=sampler_cfg, progress=not args.quiet)  # checks
+    undecoded = isinstance(pipeline.decoder, IdentityDecoder)
+    if cfg.in_channels == 4 and undecoded:
+        print("note: latent model without a VAE: writing the first 3 latent channels, not decoded images")
+    print(f"model: {where}; backend: {pipeline.backend.describe()}, decoder: {pipeline.decoder.name}, {threads}; "
+          f"{len(labels)} images, {args.steps} {args.sampler} steps, guidance {args.cfg_scale}")
+    upscale = max(1, 64 // cfg.input_size) if undecoded else 1  # 8x8 digits are too small to see unscaled
+    written = write_samples(chunks, out, len(labels), npz_path=npz, upscale=upscale)
     rows = min(len(labels), CHUNK_IMAGES) * (2 if args.cfg_scale != 1 else 1)
-    in_chunks = f", {chunks} chunks of up to {CHUNK_IMAGES} images" if chunks > 1 else ""
-    print(f"wrote {out}: {total_s:.2f} s in all, {1000 * sampler_s / (steps * chunks):.1f} ms per step "
-          f"({steps} steps, batch {rows} per forward{in_chunks})")
+    chunks_text = f", {written['chunks']} chunks of up to {CHUNK_IMAGES} images" if written["chunks"] > 1 else ""
+    print(f"wrote {out}: {written['total_s']:.2f} s in all, "
+          f"{1000 * written['sampler_s'] / (written['steps'] * written['chunks']):.1f} ms per step "
+          f"({written['steps']} steps, batch {rows} per forward{chunks_text})")
     if npz is not None:
-        _, c, h, w = images.shape
-        print(f"wrote {npz}: arr_0 of shape ({len(labels)}, {h}, {w}, {c}) uint8")
+        print(f"wrote {npz}: arr_0 of shape {written['shape']} uint8")
     return 0
 
 
@@ -121,12 +117,11 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from ..artifacts import atomic_write_json
     from ..backends.open import open_backend
-    from ..source import ModelSource
     from ..zoo.digits_eval import evaluate_digits
 
     device = resolve_device(args.device)  # before the model: a missing GPU is refused at once
-    resolved = ModelSource.resolve(args.model, args.checkpoint, args.config)
-    model, source = resolved.load(), resolved.describe()
+    model = load_cli_model(args)
+    source = describe_model(model)
     threads = set_threads(args, model.config.hidden_size)
     backend = open_backend("torch", model=model, device=device)
     unguided = "" if args.cfg_scale == 1 else " and without"

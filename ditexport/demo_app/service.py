@@ -163,7 +163,7 @@ class DemoService:
                 on_wait(f"waiting for the {runtime} backend (busy with another request)")
             slot.acquire()
         try:
-            result = Pipeline(runner, self.decoder)([int(r.class_index)] * int(r.num_images), seed=int(r.seed),
+            result = Pipeline(runner, self.decoder).run([int(r.class_index)] * int(r.num_images), seed=int(r.seed),
                                                     sampler_cfg=sampler_cfg, progress=progress)
         finally:
             slot.release()

@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UsageError
+from ..settings import BuildSettings
 from .plans import EngineError
 
 
 # ---------------------------------------------------------------------------------------- profile
 
-DEFAULT_MAX_BATCH_IMAGES = 8  # images per request an engine profile is built for
+DEFAULT_MAX_BATCH_IMAGES = BuildSettings.max_images  # images per request an engine profile is built for
 
 
 @dataclass(frozen=True)

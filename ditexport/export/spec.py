@@ -8,6 +8,7 @@ import torch
 from ..engine.profile import DEFAULT_MAX_BATCH_IMAGES, BatchProfile
 from ..errors import DitexportError
 from ..model import DiTConfig
+from ..settings import BuildSettings
 from .precision import FP16_POLICY_TEXT
 
 
@@ -16,10 +17,7 @@ PRECISIONS = ("fp32", "fp16")
 # "fp16-all" (every op in fp16, I/O fp32) exists only to show what the precision policy prevents.
 DIAGNOSTIC_PRECISIONS = ("fp16-all",)
 
-# Opset 18 with attention written as MatMul-Softmax-MatMul, chosen by measurement (docs/export.md): on ONNX
-# Runtime CPU the opset-23 `Attention` op is only 5 % faster, while TensorRT's parser reads that op from
-# 10.14 on only and fuses this pattern into its MHA kernels on every TensorRT 10/11.
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = BuildSettings.opset  # why 18: see BuildSettings
 ONNX_ATTENTION_OPSET = 23  # from this opset on, SDPA is exported as the ONNX `Attention` op instead
 
 # A protobuf message cannot exceed 2 GiB, so bigger graphs keep their weights in a side file.

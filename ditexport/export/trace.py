@@ -68,32 +68,41 @@ def _export_attention(model: DiT, opset: int):
 
 
 def _torch_to_onnx(model: DiT, graph: str, opset: int, batch: int, workdir: str | Path | None = None):
-    """The fp32 ONNX ModelProto of one graph, from the dynamo exporter (traced through a file in `workdir`)."""
+    """The fp32 ONNX ModelProto of one DiT graph (see `trace_to_onnx`)."""
+    spec = graph_spec(model.config, graph)
+    module = model if graph == "xty" else _ConditionGraph(model)
+    with _export_attention(model, opset):
+        return trace_to_onnx(module, spec.sample_inputs(batch), spec.output_names, opset, what=f"the {graph!r} graph",
+                             workdir=workdir)
+
+
+def trace_to_onnx(module: nn.Module, sample: dict[str, torch.Tensor], output_names: list[str], opset: int,
+                  what: str, workdir: str | Path | None = None):
+    """The ONNX ModelProto of `module` from the dynamo exporter, every input's axis 0 a dynamic batch, traced through
+    a file in `workdir`. `sample` holds the named inputs, in the forward's order, with a batch of at least 2."""
+    batch = next(iter(sample.values())).shape[0]
     if batch < 2:
         # torch.export specialises sizes 0 and 1, which would fix the batch axis.
         raise ExportError(f"export with a batch of at least 2 so the batch axis stays dynamic, got {batch}")
-    spec = graph_spec(model.config, graph)
-    sample = spec.sample_inputs(batch)
     batch_dim = torch.export.Dim("batch", min=1, max=65536)
-    dynamic_shapes = {name: {0: batch_dim} for name in spec.input_names}
-    module = model if graph == "xty" else _ConditionGraph(model)
-    was_training = model.training
-    model.eval()
+    dynamic_shapes = {name: {0: batch_dim} for name in sample}
+    was_training = module.training
+    module.eval()
     # The exporter logs a warning per torchvision op it cannot register; none of them is used here.
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)
     try:
-        with _export_attention(model, opset), torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, tuple(sample.values()), dynamo=True, opset_version=opset,
-                                        input_names=spec.input_names, output_names=spec.output_names,
+                                        input_names=list(sample), output_names=output_names,
                                         dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
-    except Exception as e:
+    except Exception as e:  # torch.export reports unsupported code as several exception types
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ExportError(f"torch.onnx.export failed for the {graph!r} graph: {first_line}") from e
+        raise ExportError(f"torch.onnx.export failed for {what}: {first_line}") from e
     finally:
-        model.train(was_training)
+        module.train(was_training)
         registration_log.setLevel(level)
     # Through a file rather than `program.model_proto`: the exporter's own copy of the weights is freed before
     # the ModelProto is built, so the two never sit in memory together (DiT-XL/2: 2.7 GB each).

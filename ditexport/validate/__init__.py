@@ -19,7 +19,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..artifacts import GRAPH_STEMS, onnx_filename, scratch_dir
+import torch
+
+from ..artifacts import GRAPH_STEMS, onnx_filename, scratch_dir, vae_onnx_filename
 from ..errors import DitexportError
 from ..export import GRAPHS, PRECISIONS, TOLERANCE, emulate_fp16, emulated_copy
 from ..model import DiT
@@ -30,6 +32,8 @@ from .report import ValidationReport, report_differences
 from .samples import SampleCheck, _is_digits_config, sample_parity
 from .stress import stress_check
 from .tensors import GraphCheck, check_graph, graph_feed, locate_drift, reference_output
+from .vae import validate_vae_decoder
+from ..export.vae import VAE_PRECISIONS
 from ..logs import get_logger
 
 LOG = get_logger("validate")
@@ -43,8 +47,10 @@ __all__ = ["CLASS_AGREEMENT_FLOOR", "DEFAULT_BATCHES", "FP16_MAX", "SAMPLE_PSNR_
 
 def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "", batches=DEFAULT_BATCHES,
                     sample_steps: int | None = None, sample_images: int | None = None, stress: bool = True,
-                    opset: int | None = None, providers: list[str] | None = None, log=LOG.info) -> ValidationReport:
-    """Validates every graph present in `export_dir` against `model`; see the module docstring."""
+                    opset: int | None = None, providers: list[str] | None = None, vae=None,
+                    log=LOG.info) -> ValidationReport:
+    """Validates every graph present in `export_dir` against `model` (and the VAE decoder graphs against `vae`, the
+    diffusers AutoencoderKL they came from); see the module docstring."""
     import onnxruntime
 
     from ..backends.onnxruntime_backend import OnnxRuntimeBackend, default_providers, provider_names
@@ -73,6 +79,17 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
                 report.drift.append(locate_drift(fp32, path, graph_feed(model, graph, 1, seed=1)))
             except DitexportError as e:  # the diagnosis is optional; the failure is already recorded
                 report.drift.append({"candidate": path.name, "reference": fp32.name, "error": str(e)})
+    vae_graphs = {p: export_dir / vae_onnx_filename(p) for p in VAE_PRECISIONS
+                  if vae is not None and (export_dir / vae_onnx_filename(p)).is_file()}
+    for precision, path in vae_graphs.items():
+        stage_start = time.perf_counter()
+        with heartbeat(log, f"validate: {path.name} against the diffusers decoder"):
+            check = validate_vae_decoder(vae, path, precision=precision, latent_size=model.config.input_size,
+                                         providers=providers)
+        report.vae.append(check)
+        worst = max(c["rel_err"] for c in check["checks"])
+        log(f"validate: {path.name:<17} {precision}  worst rel err {worst:.2e} (tolerance {check['tolerance']:.0e})  "
+            f"{'ok' if check['passed'] else 'FAILED'}  ({time.perf_counter() - stage_start:.1f} s)")
     if stress:
         stage_start = time.perf_counter()
         with heartbeat(log, "validate: stress check"):
@@ -95,13 +112,35 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
 
             backends = {path.name: make(path, precision) for (graph, precision), path in present.items()
                         if graph == "xty"}
-            report.samples = sample_parity(model, backends, labels=labels, steps=steps, log=log)
+            decoders = reference_decoder = None
+            if vae_graphs:
+                from ..backends.decoders import OnnxRuntimeDecoder
+                from ..pipeline import VaeDecoder
+
+                reference_decoder = VaeDecoder.from_vae(vae)
+                image_shape = tuple(reference_decoder(torch.zeros(1, model.config.in_channels, model.config.input_size,
+                                                                  model.config.input_size)).shape[1:])
+
+                def decoder(precision: str):
+                    """The fp32 decoder graph beside the fp32 DiT, the fp16 one (where built) beside the others."""
+                    path = vae_graphs["fp16" if precision != "fp32" and "fp16" in vae_graphs else "fp32"]
+                    emulated = needs_emulation(path_precision(path), providers)
+                    return lambda: OnnxRuntimeDecoder(emulated_copy(path, tmp) if emulated else path,
+                                                      image_shape=image_shape, providers=providers, label=path.name)
+                decoders = {p: decoder(p) for (g, p) in present if g == "xty"}
+            report.samples = sample_parity(model, backends, labels=labels, steps=steps, log=log,
+                                           reference_decoder=reference_decoder, decoders=decoders)
         for s in report.samples:
             log(f"validate: samples {s.file:<17} PSNR min {min(s.psnr_db):.1f} dB  {'ok' if s.passed else 'FAILED'}  "
                 f"({s.seconds:.1f} s)")
     report.tensorrt = tensorrt_parity(export_dir, model, batches=batches, log=log)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def path_precision(path: Path) -> str:
+    """fp16 for "vae.fp16.onnx", fp32 for "vae.onnx"."""
+    return "fp16" if ".fp16." in path.name else "fp32"
 
 
 def tensorrt_parity(export_dir: str | Path, model: DiT, *, batches=DEFAULT_BATCHES, log=LOG.info) -> dict:

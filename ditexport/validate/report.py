@@ -25,6 +25,7 @@ class ValidationReport:
     drift: list[dict] = field(default_factory=list)
     stress: dict | None = None
     samples: list[SampleCheck] = field(default_factory=list)
+    vae: list[dict] = field(default_factory=list)   # the VAE decoder graphs of a latent export (validate.vae)
     tensorrt: dict | None = None
     seconds: float = 0.0
 
@@ -32,6 +33,7 @@ class ValidationReport:
     def passed(self) -> bool:
         return (bool(self.checks) and all(c.passed for c in self.checks)
                 and (self.stress is None or self.stress["passed"]) and all(s.passed for s in self.samples)
+                and all(v["passed"] for v in self.vae)
                 and (self.tensorrt is None or self.tensorrt.get("passed", True)))
 
     def to_dict(self) -> dict:
@@ -61,6 +63,12 @@ class ValidationReport:
                      else "no single tensor exceeds the tolerance")
             lines.append(f"  per-tensor {d['candidate']} vs {d['reference']} ({d['tensors_compared']} tensors): "
                          f"{where}")
+        for v in self.vae:
+            worst = max(c["rel_err"] for c in v["checks"])
+            lines.append(f"  {v['file']:<17} {v['precision'] + ('*' if v['emulated'] else ''):<9} batches "
+                         f"{','.join(str(c['batch']) for c in v['checks'])}: worst rel err {worst:.2e} "
+                         f"(tolerance {v['tolerance']:.0e}, against the diffusers decoder)  "
+                         f"{'ok' if v['passed'] else 'FAILED'}")
         if self.stress:
             s = self.stress
             p, a = s["policy_fp16"], s["all_fp16"]
@@ -72,7 +80,9 @@ class ValidationReport:
         for s in self.samples:
             finite = [v for v in s.psnr_db if math.isfinite(v)]
             low = min(s.psnr_db)
-            text = (f"  samples {s.file:<17} {s.precision:<5} {len(s.labels)} images, {s.steps} {s.method} steps, "
+            text = (f"  samples {s.file:<17} {s.precision:<5} "
+                    + (f"decoded by {s.decoder}, " if s.decoder else "")
+                    + f"{len(s.labels)} images, {s.steps} {s.method} steps, "
                     f"guidance {s.guidance_scale:g}: PSNR min {low:.1f} dB"
                     + (f", mean {np.mean(finite):.1f} dB" if finite else "") + f" (floor {s.psnr_floor:g})")
             if s.class_agreement is not None:

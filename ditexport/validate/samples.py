@@ -30,6 +30,7 @@ class SampleCheck:
     class_agreement: float | None = None   # digit models: classifier(backend) == classifier(torch)
     backend_classes: list[int] | None = None
     torch_classes: list[int] | None = None
+    decoder: str | None = None             # latent models built with a VAE: the decoder graph the images went through
     passed: bool = False
     seconds: float = 0.0                   # sampling through this graph (the torch reference not included)
 
@@ -46,9 +47,12 @@ def _digits_reference():
 
 
 def sample_parity(model: DiT, backends: dict[str, object], *, labels: list[int], steps: int, seed: int = 0,
-                  method: str = "ddpm", guidance_scale: float = 4.0, log=lambda message: None) -> list[SampleCheck]:
+                  method: str = "ddpm", guidance_scale: float = 4.0, reference_decoder=None, decoders=None,
+                  log=lambda message: None) -> list[SampleCheck]:
     """Samples `labels` with torch fp32 and with each backend (file name -> Backend, or a function making
-    one, so big models hold one session at a time), same seed and noise."""
+    one, so big models hold one session at a time), same seed and noise. Latent models built with a VAE compare
+    decoded images: the reference through `reference_decoder` (diffusers), each backend through
+    `decoders[precision]()` (the exported decoder graph)."""
     from ..backends.base import Backend
 
     from ..backends import TorchBackend
@@ -60,7 +64,8 @@ def sample_parity(model: DiT, backends: dict[str, object], *, labels: list[int],
     sampler_cfg = SamplerConfig(num_steps=steps, method=method, guidance_scale=guidance_scale)
     what = f"{len(labels)} images, {steps} {method} steps"
     with heartbeat(log, f"validate: sampling the torch reference ({what})", end_line=True):
-        reference = Pipeline(TorchBackend(model))(labels, seed=seed, sampler_cfg=sampler_cfg, progress=False).images
+        reference = Pipeline(TorchBackend(model), reference_decoder).run(labels, seed=seed, sampler_cfg=sampler_cfg,
+                                                                         progress=False).images
     classifier = _digits_reference() if _is_digits_config(model.config) else None
     torch_classes = classifier.predict(reference).tolist() if classifier is not None else None
     checks = []
@@ -69,8 +74,11 @@ def sample_parity(model: DiT, backends: dict[str, object], *, labels: list[int],
         with heartbeat(log, f"validate: sampling through {file} ({what})", end_line=True):
             owned = not isinstance(backend, Backend)
             backend = backend() if owned else backend
-            images = Pipeline(backend)(labels, seed=seed, sampler_cfg=sampler_cfg, progress=False).images
             precision = backend.precision
+            decoder = decoders[precision]() if decoders else None
+            images = Pipeline(backend, decoder).run(labels, seed=seed, sampler_cfg=sampler_cfg, progress=False).images
+            if decoder is not None:
+                decoder.close()
             if owned:
                 backend.close()
                 del backend
@@ -78,7 +86,8 @@ def sample_parity(model: DiT, backends: dict[str, object], *, labels: list[int],
         values = psnr(images, reference)
         floor = SAMPLE_PSNR_FLOOR[precision]
         check = SampleCheck(file, precision, steps, method, guidance_scale, list(labels), values, floor,
-                            torch_classes=torch_classes, seconds=round(time.perf_counter() - start, 2))
+                            torch_classes=torch_classes, seconds=round(time.perf_counter() - start, 2),
+                            decoder=decoder.label if decoder is not None else None)
         passed = min(values) >= floor
         if classifier is not None:
             check.backend_classes = classifier.predict(images).tolist()

@@ -17,6 +17,7 @@ import torch
 
 from ..artifacts import atomic_path, atomic_write_json
 from ..model import DiT, get_config
+from ..settings import DigitsTrainConfig  # noqa: F401  (re-exported; declared with every default)
 
 BUILTIN_DIR = Path(__file__).parent / "digits"  # the shipped weights: replaced only on explicit request
 RUNS_DIR = Path("runs")                         # default home of new runs, under the working directory
@@ -34,20 +35,6 @@ def new_run_dir(root: str | Path = RUNS_DIR) -> Path:
 def is_builtin_dir(path: str | Path) -> bool:
     """Whether `path` is the package's own digits directory, where the shipped weights live."""
     return Path(path).resolve() == BUILTIN_DIR.resolve()
-
-
-@dataclass
-class DigitsTrainConfig:
-    """Defaults train in about 3 minutes on 2 CPU cores and draw digits of the requested class."""
-    steps: int = 4000
-    batch_size: int = 64             # small batches, many steps: 1,797 images need no more per step
-    lr: float = 1e-3                 # official 1e-4 is for 400k steps at batch 256; a short run needs more
-    warmup_steps: int = 200          # transformers trained with Adam at 1e-3 diverge early without warm-up
-    weight_decay: float = 0.0        # official train.py
-    # 0.9999 (official) averages over ~10k steps, longer than this run; 0.999 averages over the last ~1k.
-    ema_decay: float = 0.999
-    seed: int = 0
-    model: str = "DiT-digits"
 
 
 @dataclass

@@ -14,10 +14,11 @@ from . import artifacts, locking, verification
 from .artifacts import GRAPH_STEMS, ArtifactError, onnx_filename
 from .hashing import sha256_file
 from .errors import DitexportError
-from .engine.profile import DEFAULT_MAX_BATCH_IMAGES, BatchProfile
+from .engine.profile import BatchProfile
 from .export import DEFAULT_OPSET, GRAPHS, PRECISIONS, export_graphs, io_spec
 from .model import DiT, DiTConfig
 from .progress import heartbeat
+from .settings import BuildSettings
 from .source import ModelSource
 from .logs import get_logger
 
@@ -31,6 +32,18 @@ def parse_precisions(text: str) -> tuple[str, ...]:
     if unknown or not asked:
         raise DitexportError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}, got {text!r}")
     return tuple(p for p in PRECISIONS if p in asked or p == "fp32")
+
+
+def build_flags(source: ModelSource, settings: BuildSettings) -> list[str]:
+    """The CLI flags that rebuild this export: the model's, then each build setting that is not its default."""
+    flags = source.flags()
+    defaults = BuildSettings()
+    for flag, name in (("--precision", "precisions"), ("--max-batch", "max_images"), ("--opset", "opset"),
+                       ("--vae", "vae")):
+        value = getattr(settings, name)
+        if value != getattr(defaults, name):
+            flags += [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
+    return flags
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -55,8 +68,12 @@ def check_source(manifest: dict, export_dir: Path, *, model: str | None = None, 
         return
     name = model or "digits"
     if source.get("model") != name:
+        from .model import DIT_CONFIGS
+
+        wanted = f" ({artifacts.describe_config(get_config(name, image_size=image_size))})" if name in DIT_CONFIGS \
+            else ""
         raise ArtifactError(f"{export_dir} was built from {source.get('model') or 'a checkpoint'} ({built}), "
-                            f"not --model {name}; pass its export with --export-dir")
+                            f"not --model {name}{wanted}, another model config; pass its export with --export-dir")
     if source.get("kind") == "random" and image_size is not None:
         wanted = get_config(name, image_size=image_size)
         if wanted != DiTConfig.from_dict(manifest["config"]):
@@ -66,15 +83,20 @@ def check_source(manifest: dict, export_dir: Path, *, model: str | None = None, 
 
 # ------------------------------------------------------------------------------------------- build
 
-def build_inputs(config: DiTConfig, source: dict, precisions, max_images: int, opset: int) -> dict:
-    """Everything that decides an export's bytes; equal inputs mean the build can be skipped."""
+def build_inputs(config: DiTConfig, source: dict, precisions, max_images: int, opset: int,
+                 vae: dict | None = None) -> dict:
+    """Everything that decides an export's bytes; equal inputs mean the build can be skipped. `vae` is the
+    manifest's record of the VAE decoder exported beside the DiT."""
     if source.get("checkpoint"):
         weights = source["checkpoint"]["sha256"]
     else:
         weights = source.get("weights_sha256") or f"random weights, seed {source.get('seed')}"
-    return {"manifest_format": artifacts.MANIFEST_FORMAT, "config": config.to_dict(), "weights": weights,
-            "precisions": list(precisions), "graphs": list(GRAPHS), "max_images": max_images, "opset": opset,
-            "tools": artifacts.tool_versions()}
+    inputs = {"manifest_format": artifacts.MANIFEST_FORMAT, "config": config.to_dict(), "weights": weights,
+              "precisions": list(precisions), "graphs": list(GRAPHS), "max_images": max_images, "opset": opset,
+              "tools": artifacts.tool_versions()}
+    if vae is not None:
+        inputs["vae"] = vae["source"]["sha256"]
+    return inputs
 
 
 def up_to_date(export_dir: Path, inputs: dict, log=LOG.info) -> str | None:
@@ -94,8 +116,9 @@ def up_to_date(export_dir: Path, inputs: dict, log=LOG.info) -> str | None:
 
 def _outputs(export_dir: Path) -> list[Path]:
     """What a previous build made, deleted before a rebuild so no stale graph or engine survives."""
-    return [path for pattern in ("model*.onnx", "model*.onnx.data", "cond*.onnx", "cond*.onnx.data", "*.plan",
-                                 "*.plan.json", artifacts.REPORT_NAME) for path in export_dir.glob(pattern)]
+    return [path for pattern in ("model*.onnx", "model*.onnx.data", "cond*.onnx", "cond*.onnx.data", "vae*.onnx",
+                                 "vae*.onnx.data", "*.plan", "*.plan.json", artifacts.REPORT_NAME)
+            for path in export_dir.glob(pattern)]
 
 
 def _remove_outputs(export_dir: Path) -> None:
@@ -141,25 +164,26 @@ def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log, rebu
     return {"status": "built", "plans": plans}
 
 
-def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions=PRECISIONS,
-                 max_images: int = DEFAULT_MAX_BATCH_IMAGES, opset: int | None = None, force: bool = False,
-                 sample_steps: int | None = None, model_name: str = "", rebuild_command: str | None = None,
-                 build_flags: list[str] | None = None, wait: bool = True, log=LOG.info) -> int:
-    """Export -> validate -> engine; returns the exit code (0 passed or up to date, 1 validation failed).
+def build_export(model: DiT, source: dict, export_dir: str | Path, settings: BuildSettings = BuildSettings(), *,
+                 model_name: str = "", rebuild_command: str | None = None, build_flags: list[str] | None = None,
+                 log=LOG.info) -> bool:
+    """Export -> validate -> engine; returns whether the export passed validation (or was up to date).
 
-    Holds the export directory's build lock throughout (another build waits, or with wait=False is refused);
-    an up-to-date export is only read, so it may sit on a read-only file system.
+    Holds the export directory's build lock throughout (another build waits, or with settings.wait=False is
+    refused); an up-to-date export is only read, so it may sit on a read-only file system.
     """
     export_dir = Path(export_dir)
+    precisions = settings.precisions
     created = not export_dir.exists()
     if created:  # refuse a full or unwritable disk before a directory appears
         _check_free_space(export_dir, model, precisions)
         artifacts.ensure_writable_dir(export_dir)
     try:
-        with locking.build_lock(export_dir, wait=wait, log=log):
-            return _build_locked(model, source, export_dir, precisions=precisions, max_images=max_images,
-                                 opset=opset or DEFAULT_OPSET, force=force, sample_steps=sample_steps,
-                                 model_name=model_name, build_flags=build_flags, log=log,
+        with locking.build_lock(export_dir, wait=settings.wait, log=log):
+            return _build_locked(model, source, export_dir, precisions=precisions, max_images=settings.max_images,
+                                 opset=settings.opset or DEFAULT_OPSET, force=settings.force,
+                                 sample_steps=settings.sample_steps, model_name=model_name, build_flags=build_flags,
+                                 vae_dir=settings.vae, log=log,
                                  rebuild_command=rebuild_command or artifacts.rebuild_command(export_dir, build_flags))
     except BaseException:
         if created:  # a build that made its directory and failed leaves nothing behind
@@ -170,9 +194,10 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions
 
 
 def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max_images: int, opset: int,
-                  force: bool, sample_steps, model_name: str, build_flags, rebuild_command: str, log) -> int:
+                  force: bool, sample_steps, model_name: str, build_flags, rebuild_command: str, vae_dir, log) -> bool:
     start = time.perf_counter()
-    inputs = build_inputs(model.config, source, precisions, max_images, opset)
+    vae, vae_record = _load_vae(vae_dir, model) if vae_dir else (None, None)  # refused before anything is removed
+    inputs = build_inputs(model.config, source, precisions, max_images, opset, vae_record)
     profile = BatchProfile.for_images(max_images, guided=model.config.has_null_class)
     writable = artifacts.write_problem(export_dir) is None
     if writable and (removed := locking.remove_stale_temporaries(export_dir, legacy=True)):
@@ -181,7 +206,7 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
     if not force and (why := up_to_date(export_dir, inputs, log)):
         log(f"{export_dir}: up to date ({why}); use --force to rebuild")
         if not writable:
-            return 0  # read-only: nothing is written, not even this machine's engines
+            return True  # read-only: nothing is written, not even this machine's engines
         return _add_missing_engines(export_dir, model, precisions, profile, log, rebuild_command)
     artifacts.ensure_writable_dir(export_dir)
     _check_free_space(export_dir, model, precisions, sum(p.stat().st_size for p in _outputs(export_dir)))
@@ -193,7 +218,13 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
     artifacts.fault_point("build:old-export-removed")
     try:
         paths = export_graphs(model, export_dir, precisions=precisions, opset=opset, log=log)
-        report = _validate_and_report(export_dir, model, model_name, sample_steps, opset, log)
+        if vae is not None:
+            from .vae import export_vae_graphs
+
+            vae_paths = export_vae_graphs(vae, export_dir, latent_size=vae_record["latent_size"], opset=opset,
+                                          precisions=[p for p in ("fp32", "fp16") if p in precisions], log=log)
+            paths.update({(artifacts.VAE_GRAPH, p): path for p, path in vae_paths.items()})
+        report = _validate_and_report(export_dir, model, model_name, sample_steps, opset, log, vae)
         engine = (_engine_stage(export_dir, precisions, profile, log, rebuild_command) if report.passed
                   else {"status": "skipped", "reason": "validation failed"})
         if not report.passed:
@@ -219,6 +250,7 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
             "files": files,
             "validation": {"passed": report.passed, "report": artifacts.REPORT_NAME},
             "engine": engine,
+            **({"vae": vae_record} if vae_record else {}),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - start, 1),
         }
@@ -237,7 +269,7 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
     verification.remember(export_dir, keys)
     log(f"build: {'done' if report.passed else 'FAILED'} in {manifest['build_seconds']:.1f} s; "
         f"manifest {export_dir / artifacts.MANIFEST_NAME}")
-    return 0 if report.passed else 1
+    return report.passed
 
 
 def _check_engines(export_dir: Path, model: DiT, report, log) -> None:
@@ -250,14 +282,14 @@ def _check_engines(export_dir: Path, model: DiT, report, log) -> None:
 
 
 def _add_missing_engines(export_dir: Path, model: DiT, precisions, profile: BatchProfile, log,
-                         rebuild_command: str | None) -> int:
+                         rebuild_command: str | None) -> bool:
     """An export validated where TensorRT was missing gets this machine's engines on its next build here."""
     from . import engine
 
     if engine.tensorrt_unavailable_reason() is not None:
-        return 0
+        return True
     if all(engine.plan_path_for(export_dir, stem).is_file() for stem in ("model", "cond")):
-        return 0
+        return True
     manifest = artifacts.read_manifest(export_dir)
     log(f"engine: {export_dir} has no engine for this GPU and TensorRT version; building it")
     manifest["engine"] = _engine_stage(export_dir, precisions, profile, log, rebuild_command)
@@ -265,14 +297,38 @@ def _add_missing_engines(export_dir: Path, model: DiT, precisions, profile: Batc
 
     manifest["engine"]["parity"] = parity = tensorrt_parity(export_dir, model, log=log)
     artifacts.write_manifest(export_dir, manifest)
-    return 0 if parity.get("passed", True) else 1
+    return bool(parity.get("passed", True))
 
 
-def _validate_and_report(export_dir: Path, model: DiT, model_name: str, sample_steps, opset, log):
+def _load_vae(vae_dir, model: DiT) -> tuple[object, dict]:
+    """The diffusers AutoencoderKL of --vae, checked against the DiT, and its manifest record."""
+    from .vae import check_vae_fits, load_vae, vae_record
+
+    vae = load_vae(vae_dir)
+    check_vae_fits(vae, model.config)
+    return vae, vae_record(vae_dir, vae, model.config.input_size)
+
+
+def _recorded_vae(manifest: dict, rebuild: str):
+    """The VAE an export's decoder graphs came from, refused when it is gone or changed since."""
+    from .vae import load_vae, vae_digest
+
+    record = manifest.get("vae")
+    if not record:
+        return None
+    path = Path(record["source"]["path"])
+    if not path.is_dir():
+        raise ArtifactError(f"the VAE this export came from is gone ({path}); validation needs it")
+    if vae_digest(path) != record["source"]["sha256"]:
+        raise ArtifactError(f"the VAE in {path} changed since this export; rebuild with: {rebuild}")
+    return load_vae(path)
+
+
+def _validate_and_report(export_dir: Path, model: DiT, model_name: str, sample_steps, opset, log, vae=None):
     from .validate import validate_export
 
     report = validate_export(export_dir, model, model_name=model_name, sample_steps=sample_steps, opset=opset,
-                             log=log)
+                             vae=vae, log=log)
     artifacts.atomic_write_json(export_dir / artifacts.REPORT_NAME, report.to_dict())
     log(report.format())
     return report
@@ -281,7 +337,7 @@ def _validate_and_report(export_dir: Path, model: DiT, model_name: str, sample_s
 # ---------------------------------------------------------------------------------------- validate
 
 def revalidate(export_dir: str | Path, *, sample_steps: int | None = None, rebuild: str | None = None,
-               wait: bool = True, log=LOG.info) -> int:
+               wait: bool = True, log=LOG.info) -> bool:
     """Re-runs validation of an existing export against the model it came from; updates report and manifest.
 
     Refuses up front, in one line, an export it could not write its report into (before minutes of work).
@@ -298,12 +354,13 @@ def revalidate(export_dir: str | Path, *, sample_steps: int | None = None, rebui
         problems = verification.verify_files(export_dir, manifest["files"])
         if problems:
             raise ArtifactError(f"{export_dir}: {'; '.join(problems)}; rebuild with: {rebuild}")
-        model = ModelSource.from_manifest(manifest).load_recorded(manifest, rebuild)
+        model = ModelSource.from_manifest(manifest).load_recorded(manifest, rebuild, export_dir)
         name = manifest.get("model") or Path((manifest["source"].get("checkpoint") or {}).get("path", "")).name
         from .validate import report_differences
 
         previous = _read_report(export_dir)
-        report = _validate_and_report(export_dir, model, name, sample_steps, manifest["io_spec"].get("opset"), log)
+        report = _validate_and_report(export_dir, model, name, sample_steps, manifest["io_spec"].get("opset"), log,
+                                      _recorded_vae(manifest, rebuild))
         if previous is not None:
             differences = report_differences(previous, report.to_dict())
             if differences:
@@ -314,7 +371,7 @@ def revalidate(export_dir: str | Path, *, sample_steps: int | None = None, rebui
                                   "revalidated": datetime.datetime.now(datetime.timezone.utc).isoformat(
                                       timespec="seconds")}
         artifacts.write_manifest(export_dir, manifest)
-    return 0 if report.passed else 1
+    return report.passed
 
 
 def _read_report(export_dir: Path) -> dict | None:
@@ -325,20 +382,6 @@ def _read_report(export_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return {}  # unreadable: every verdict below differs
     return report if isinstance(report, dict) else {}
-
-
-def open_export(export_dir: str | Path, config: DiTConfig | None, open_files: list[str],
-                rebuild: str | None = None, all_sizes: bool = True) -> artifacts.ExportEntry:
-    """A validated export of `config`, its `open_files` verified against the manifest (call it under
-    `locking.read_lock` and open the files there); else one ArtifactError with the rebuild command."""
-    entry = verification.verify_export(export_dir, open_files, rebuild=rebuild, all_sizes=all_sizes)
-    built = DiTConfig.from_dict(entry.manifest["config"])
-    if config is not None and built != config:
-        raise ArtifactError(f"the export in {export_dir} was built for another model config, "
-                            f"{artifacts.describe_config(built)}, and this model is "
-                            f"{artifacts.describe_config(config)}; pass the matching "
-                            "--model/--image-size/--checkpoint, or the --export-dir of this model's export")
-    return entry
 
 
 def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_name: str = "",
@@ -352,9 +395,10 @@ def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_nam
     cached = (export_dir / artifacts.MANIFEST_NAME).is_file()
     if not cached:
         log(f"{export_dir}: no complete export yet; building it as `python -m ditexport build` would")
-        build_export(model, source, export_dir, model_name=model_name, sample_steps=sample_steps, log=log)
+        build_export(model, source, export_dir, BuildSettings(sample_steps=sample_steps), model_name=model_name,
+                     log=log)
     # Each consumer verifies the files it opens, so one damaged graph fails its own bench row, not the bench.
-    manifest = open_export(export_dir, model.config, open_files=[], all_sizes=False).manifest
+    manifest = verification.verify_export(export_dir, [], config=model.config, all_sizes=False).manifest
     weights = build_inputs(model.config, source, (), 0, 0)["weights"]
     if manifest.get("inputs", {}).get("weights") != weights:
         raise ArtifactError(f"the export in {export_dir} was built from other weights than {model_name or 'this model'}"

@@ -1,0 +1,67 @@
+"""The VAE decoder of a latent export on the runtime its DiT runs on: ONNX Runtime (CPU, or CUDA with I/O binding)
+or TensorRT. Each is a callable `images = decoder(latents)`, as `pipeline.VaeDecoder` (the diffusers reference)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import DitexportError
+
+
+class OnnxRuntimeDecoder:
+    """The exported VAE decoder graph (latents as the DiT samples them -> images in about [-1, 1]) on ONNX Runtime."""
+
+    name = "vae (onnxruntime)"
+
+    def __init__(self, onnx_path: str | Path, *, image_shape: tuple[int, int, int], device: torch.device | None = None,
+                 providers: list | None = None, threads: int | None = None, label: str | None = None):
+        from .onnxruntime_backend import CUDA, default_providers, load_session
+
+        self.onnx_path = Path(onnx_path)
+        self.label = label or self.onnx_path.name  # what reports call it (an emulated copy reports its original)
+        self.image_shape = tuple(image_shape)  # (C, H, W) of one image
+        self.session = load_session(self.onnx_path, providers or default_providers(device), threads)
+        if self.session.get_providers()[0] == CUDA:
+            index = int(self.session.get_provider_options()[CUDA].get("device_id", 0))
+            self.device = torch.device("cuda", index)
+        else:
+            self.device = torch.device("cpu")
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        from .onnxruntime_backend import run_session
+
+        shape = (latents.shape[0], *self.image_shape)
+        return run_session(self.session, {"latents": latents.float()}, "images", shape, self.device)
+
+    def close(self) -> None:
+        self.__dict__.pop("session", None)
+
+
+def open_export_decoder(export_dir: Path, kind: str, precision: str, *, device=None, threads: int | None = None):
+    """The export's VAE decoder graph for a DiT running in `precision` on `kind` (fp32 DiT: the fp32 decoder, any
+    other: the fp16 one where it was built), verified against the manifest under the export's read lock; None for
+    an export without one."""
+    from ..artifacts import VAE_GRAPH, ExportEntry, read_manifest
+    from ..locking import read_lock
+    from ..verification import verify_export
+
+    export_dir = Path(export_dir)
+    with read_lock(export_dir):
+        manifest = read_manifest(export_dir)
+        record = manifest.get("vae")
+        if not record:
+            return None
+        entry = ExportEntry(export_dir, manifest)
+        path = (entry.graph_path(VAE_GRAPH, "fp16") if precision != "fp32" else None) or \
+            entry.graph_path(VAE_GRAPH, "fp32")
+        if path is None:
+            raise DitexportError(f"the export in {export_dir} records a VAE but has no VAE graph; rebuild it")
+        verify_export(export_dir, [path], all_sizes=False)
+        image_shape = (record["out_channels"], record["image_size"], record["image_size"])
+        if kind == "tensorrt":
+            raise DitexportError("the TensorRT VAE decoder is built with the export's engines; this build has none")
+        if isinstance(device, str):
+            device = None if device == "auto" else torch.device(device)
+        return OnnxRuntimeDecoder(path, image_shape=image_shape, device=device, threads=threads)
