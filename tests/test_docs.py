@@ -73,3 +73,25 @@ def test_readme_sample_examples_write_distinct_files():
     assert len(outputs) == 6 and len(set(outputs)) == len(outputs), outputs
     ddim = next(out for args, out in zip(examples, outputs) if "ddim" in args)
     assert ddim != "samples.png"
+
+
+def python_examples(path: Path) -> list[str]:
+    """The ```python blocks of a Markdown file."""
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+@pytest.mark.slow
+def test_python_examples_in_the_docs_run(digits_export, tmp_path, monkeypatch, one_torch_thread):
+    """Every Python example of the README and docs/ runs as written, in a directory where exports/digits is the
+    export `python -m ditexport build` makes (the quickstart's first command)."""
+    (tmp_path / "exports").mkdir()
+    shutil.copytree(digits_export, tmp_path / "exports" / "digits")
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for doc in DOCS:
+        for i, code in enumerate(python_examples(doc)):
+            exec(compile(code, f"{doc.name} example {i + 1}", "exec"), {"__name__": "__docs__"})
+            ran.append(f"{doc.name} {i + 1}")
+    assert len(ran) >= 7 and any(r.startswith("README.md") for r in ran), ran
+    assert (tmp_path / "exports" / "digits-fp32" / "manifest.json").is_file()  # the build example built
+    assert (tmp_path / "three.png").is_file() and (tmp_path / "docs" / "digits_samples.png").is_file()
