@@ -1,4 +1,5 @@
-"""Loading DiT weights: official flat `.pt` files, `train.py` checkpoints and safetensors.
+"""Loading DiT weights: official flat `.pt` files, `train.py` checkpoints, safetensors, and diffusers model
+directories (`diffusers_format`).
 
 Pickled files are read with `torch.load(weights_only=True)` only; the config is inferred from tensor
 shapes when the caller does not name one.
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import DitexportError
+from .hashing import sha256_file
 from .model import DIT_CONFIGS, DiT, DiTConfig, get_config
 
 
@@ -170,13 +172,24 @@ def check_state_dict(model: DiT, sd: dict[str, torch.Tensor]) -> None:
         raise CheckpointError("checkpoint does not fit the model; " + "; ".join(parts))
 
 
+def checkpoint_sha256(path: str | Path) -> str:
+    """The identity of a checkpoint's weights: a file's SHA-256, or a diffusers directory's over its transformer."""
+    if Path(path).is_dir():
+        from .diffusers_format import transformer_sha256
+        return transformer_sha256(path)
+    return sha256_file(path)
+
+
 def load_checkpoint(path: str | Path, config: DiTConfig | str | None = None,
                     image_size: int | None = None) -> DiT:
-    """A DiT in eval mode with the checkpoint's weights, loaded strictly."""
-    sd, metadata = read_state_dict(path)
+    """A DiT in eval mode with the checkpoint's weights, loaded strictly; a directory is a diffusers model."""
     if isinstance(config, str):
         config = get_config(config, image_size=image_size)
-    elif config is None and "config" in metadata:
+    if Path(path).is_dir():
+        from .diffusers_format import load_diffusers_dir  # it builds on this module
+        return load_diffusers_dir(path, config)
+    sd, metadata = read_state_dict(path)
+    if config is None and "config" in metadata:
         config = DiTConfig.from_dict(json.loads(metadata["config"]))
     elif config is None:
         config = infer_config(sd)

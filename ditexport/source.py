@@ -1,7 +1,7 @@
-"""Where a model's weights come from: a built-in model, a registry config with seeded random weights, or a
-checkpoint file. One `ModelSource` resolves the model flags of every command, loads the model, describes it in
-one line, and round-trips through an export's manifest (`manifest["source"]`), where it also proves that the
-weights did not change since the export.
+"""Where a model's weights come from: a built-in model, a registry config with seeded random weights, a
+checkpoint file or a diffusers model directory. One `ModelSource` resolves the model flags of every command,
+loads the model, describes it in one line, and round-trips through an export's manifest (`manifest["source"]`),
+where it also proves that the weights did not change since the export.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import ArtifactError, manifest_flags
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint
 from .hashing import sha256_file
 from .model import DIT_CONFIGS, DiT, DiTConfig, create_model, get_config
 from .zoo import BUILTIN_MODELS, builtin_weights, load_builtin
@@ -19,7 +19,8 @@ KINDS = ("builtin", "random", "checkpoint")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A built-in model, a config with random weights (seeded), or a checkpoint (with an optional config name)."""
+    """A built-in model, a config with random weights (seeded), or a checkpoint file or diffusers directory (with
+    an optional config name)."""
     kind: str
     model: str | None = None
     checkpoint: Path | None = None
@@ -56,17 +57,20 @@ class ModelSource:
     def describe(self) -> str:
         """One line: where the weights come from."""
         if self.kind == "checkpoint":
-            return f"checkpoint {self.checkpoint}"
+            assert self.checkpoint is not None
+            return f"{'diffusers directory' if self.checkpoint.is_dir() else 'checkpoint'} {self.checkpoint}"
         if self.kind == "builtin":
             return f"built-in model {self.model!r}"
         return f"{self.model} with random weights (seed {self.seed})"
 
     def to_manifest(self) -> dict:
-        """The manifest's "source": the kind and name, with the SHA-256 of the file that holds the weights."""
+        """The manifest's "source": the kind and name, with the SHA-256 of the file that holds the weights (of a
+        diffusers directory: over its transformer's files)."""
         if self.kind == "checkpoint":
             assert self.checkpoint is not None
             path = self.checkpoint.resolve()
-            return {"kind": "checkpoint", "model": None, "checkpoint": {"path": str(path), "sha256": sha256_file(path)}}
+            return {"kind": "checkpoint", "model": None,
+                    "checkpoint": {"path": str(path), "sha256": checkpoint_sha256(path)}}
         if self.kind == "builtin":
             assert self.model is not None
             return {"kind": "builtin", "model": self.model, "checkpoint": None,
@@ -94,14 +98,14 @@ class ModelSource:
                 raise ArtifactError(f"the weights of built-in model {self.model!r} changed since this export; "
                                     f"rebuild with: {rebuild}")
         elif self.kind == "checkpoint":
-            if self.checkpoint is None or not self.checkpoint.is_file():
+            if self.checkpoint is None or not self.checkpoint.exists():
                 raise ArtifactError(f"the checkpoint this export came from is gone ({self.checkpoint}); "
                                     "validation needs it")
-            if sha256_file(self.checkpoint) != recorded["checkpoint"]["sha256"]:
+            if checkpoint_sha256(self.checkpoint) != recorded["checkpoint"]["sha256"]:
                 raise ArtifactError(f"{self.checkpoint} changed since this export (SHA-256 differs); "
                                     f"rebuild with: {rebuild}")
         return self.load()
 
     def available(self) -> bool:
         """Whether the weights are on this machine (a recorded checkpoint may have been moved away)."""
-        return self.kind != "checkpoint" or (self.checkpoint is not None and self.checkpoint.is_file())
+        return self.kind != "checkpoint" or (self.checkpoint is not None and self.checkpoint.exists())
