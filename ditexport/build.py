@@ -37,8 +37,8 @@ def parse_precisions(text: str) -> tuple[str, ...]:
 def check_source(manifest: dict, export_dir: Path, *, model: str | None = None, checkpoint: str | None = None,
                  config: str | None = None, image_size: int | None = None) -> None:
     """Refuses an export that was not built from the model the user named (validate's model flags)."""
-    from .checkpoint import checkpoint_sha256
     from .model import get_config
+    from .source import checkpoint_sha256
 
     source = manifest.get("source") or {}
     built = artifacts.describe_config(DiTConfig.from_dict(manifest["config"]))

@@ -1,5 +1,4 @@
-"""Loading DiT weights: official flat `.pt` files, `train.py` checkpoints, safetensors, and diffusers model
-directories (`diffusers_format`).
+"""Loading DiT weights: official flat `.pt` files, `train.py` checkpoints and safetensors.
 
 Pickled files are read with `torch.load(weights_only=True)` only; the config is inferred from tensor
 shapes when the caller does not name one.
@@ -16,7 +15,6 @@ from pathlib import Path
 import torch
 
 from .errors import DitexportError
-from .hashing import sha256_file
 from .model import DIT_CONFIGS, DiT, DiTConfig, get_config
 
 
@@ -172,24 +170,13 @@ def check_state_dict(model: DiT, sd: dict[str, torch.Tensor]) -> None:
         raise CheckpointError("checkpoint does not fit the model; " + "; ".join(parts))
 
 
-def checkpoint_sha256(path: str | Path) -> str:
-    """The identity of a checkpoint's weights: a file's SHA-256, or a diffusers directory's over its transformer."""
-    if Path(path).is_dir():
-        from .diffusers_format import transformer_sha256
-        return transformer_sha256(path)
-    return sha256_file(path)
-
-
 def load_checkpoint(path: str | Path, config: DiTConfig | str | None = None,
                     image_size: int | None = None) -> DiT:
-    """A DiT in eval mode with the checkpoint's weights, loaded strictly; a directory is a diffusers model."""
+    """A DiT in eval mode with the checkpoint's weights, loaded strictly."""
+    sd, metadata = read_state_dict(path)
     if isinstance(config, str):
         config = get_config(config, image_size=image_size)
-    if Path(path).is_dir():
-        from .diffusers_format import load_diffusers_dir  # it builds on this module
-        return load_diffusers_dir(path, config)
-    sd, metadata = read_state_dict(path)
-    if config is None and "config" in metadata:
+    elif config is None and "config" in metadata:
         config = DiTConfig.from_dict(json.loads(metadata["config"]))
     elif config is None:
         config = infer_config(sd)

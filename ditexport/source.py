@@ -9,12 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import ArtifactError, manifest_flags
-from .checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
+from .diffusers_format import load_diffusers_dir, transformer_sha256
 from .hashing import sha256_file
 from .model import DIT_CONFIGS, DiT, DiTConfig, create_model, get_config
 from .zoo import BUILTIN_MODELS, builtin_weights, load_builtin
 
 KINDS = ("builtin", "random", "checkpoint")
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """The identity of a checkpoint's weights: a file's SHA-256, or a diffusers directory's over its transformer."""
+    return transformer_sha256(path) if Path(path).is_dir() else sha256_file(path)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,10 @@ class ModelSource:
         """The model in eval mode."""
         if self.kind == "checkpoint":
             assert self.checkpoint is not None
+            if self.checkpoint.is_dir():
+                config = self.config or (get_config(self.config_name, image_size=self.image_size)
+                                         if self.config_name else None)
+                return load_diffusers_dir(self.checkpoint, config)
             return load_checkpoint(self.checkpoint, self.config or self.config_name, self.image_size)
         if self.kind == "builtin":
             assert self.model is not None
