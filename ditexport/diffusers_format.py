@@ -64,7 +64,7 @@ def transformer_dir(path: str | Path) -> Path:
         if (candidate / CONFIG_NAME).is_file():
             return candidate
     raise CheckpointError(f"checkpoint {path} is a directory but not a diffusers model directory (no "
-                          f"{TRANSFORMER_DIR}/{CONFIG_NAME}); pass that, or a .pt or .safetensors file")
+                          f"{TRANSFORMER_DIR}/{CONFIG_NAME}); pass one, or a .pt or .safetensors file")
 
 
 def vae_dir_of(checkpoint: str | Path | None) -> Path | None:
@@ -95,7 +95,7 @@ def transformer_files(path: str | Path) -> list[Path]:
             if missing or not shards:
                 raise CheckpointError(f"{index} names shards that are not there: {', '.join(missing) or 'none'}")
             return [directory / CONFIG_NAME, index, *(directory / s for s in shards)]
-    found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+    found = _listing(sorted(p.name for p in directory.iterdir())) or "nothing"
     raise CheckpointError(f"{directory} holds no {' or '.join(WEIGHTS_NAMES)} (found: {found})")
 
 

@@ -133,6 +133,19 @@ def test_a_diffusers_directory_computes_diffusers_dit_with_its_two_differences_u
     assert as_published == pytest.approx(frequencies_only, rel=0.05)
 
 
+def test_sharded_weights_load_like_one_file(tmp_path):
+    _, theirs = _model_dir(tmp_path / "one")
+    theirs.save_pretrained(tmp_path / "sharded" / "transformer", max_shard_size="40KB")
+    shards = sorted((tmp_path / "sharded" / "transformer").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "transformer" /
+                                "diffusion_pytorch_model.safetensors.index.json").is_file()
+    one, sharded = (ModelSource.resolve(checkpoint=tmp_path / name).load().state_dict() for name in ("one", "sharded"))
+    assert all(torch.equal(sharded[k], v) for k, v in one.items())
+    shards[0].unlink()
+    with pytest.raises(CheckpointError, match=f"names shards that are not there: {shards[0].name}"):
+        ModelSource.resolve(checkpoint=tmp_path / "sharded").load()
+
+
 def test_a_directory_whose_scheduler_is_not_the_official_diffusion_is_refused(tmp_path):
     directory, _ = _model_dir(tmp_path)
     diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon",
