@@ -12,7 +12,7 @@ Every command of `python -m ditexport` is an adapter over these functions. They 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .artifacts import REPORT_NAME, ArtifactError, default_export_dir, rebuild_command
@@ -152,7 +152,8 @@ def build(model="digits", export_dir: str | Path | None = None, *, precisions=Bu
           config: str | None = None, log=None) -> Export:
     """Exports `model` (a name or path as for `load_model`, a `ModelSource`, or a DiT) to ONNX in `export_dir`
     (default: exports/<model name>), validates every graph against torch fp32 and builds TensorRT engines where
-    TensorRT and a GPU exist; reuses an up-to-date export. Returns the `Export`; raises ValidationFailedError
+    TensorRT and a GPU exist; reuses an up-to-date export. A latent model's VAE decoder (`vae`, by default a diffusers
+    model directory's own vae/) is exported, validated and compiled beside it. Returns the `Export`; raises ValidationFailedError
     when validation failed, other `DitexportError`s when nothing could be built. `log` receives progress lines
     (default: the "ditexport.build" logger)."""
     from .building import build_export, build_flags, parse_precisions
@@ -163,6 +164,8 @@ def build(model="digits", export_dir: str | Path | None = None, *, precisions=Bu
     settings = BuildSettings(precisions=tuple(precisions), max_images=max_images, opset=opset,
                              sample_steps=sample_steps, vae=None if vae is None else str(vae), force=force, wait=wait)
     source, dit = _source_and_model(model, image_size, config)
+    if vae is None and source is not None and (own := source.default_vae()) is not None:
+        settings = replace(settings, vae=str(own))  # a diffusers model directory decodes with its own vae/
     if export_dir is None:
         if source is None:
             raise DitexportError("name an export_dir for a DiT given in memory")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from . import artifacts, locking, verification
 from .artifacts import GRAPH_STEMS, ArtifactError, onnx_filename
-from .hashing import sha256_file
 from .errors import DitexportError
 from .engine.profile import BatchProfile
 from .export import DEFAULT_OPSET, GRAPHS, PRECISIONS, export_graphs, io_spec
@@ -52,14 +51,15 @@ def check_source(manifest: dict, export_dir: Path, *, model: str | None = None, 
                  config: str | None = None, image_size: int | None = None) -> None:
     """Refuses an export that was not built from the model the user named (validate's model flags)."""
     from .model import get_config
+    from .source import checkpoint_sha256
 
     source = manifest.get("source") or {}
     built = artifacts.describe_config(DiTConfig.from_dict(manifest["config"]))
     if checkpoint is not None:
         recorded = (source.get("checkpoint") or {}).get("sha256")
-        if not Path(checkpoint).is_file():
-            raise ArtifactError(f"--checkpoint {checkpoint}: no such file")
-        if recorded != sha256_file(checkpoint):
+        if not Path(checkpoint).exists():
+            raise ArtifactError(f"--checkpoint {checkpoint}: no such file or directory")
+        if recorded != checkpoint_sha256(checkpoint):
             where = (source.get("checkpoint") or {}).get("path") or f"{source.get('kind')} weights"
             raise ArtifactError(f"{export_dir} was built from {where}, not from --checkpoint {checkpoint} "
                                 "(SHA-256 differs); pass the export of that checkpoint with --export-dir")

@@ -1,7 +1,7 @@
-"""Where a model's weights come from: a built-in model, a registry config with seeded random weights, or a
-checkpoint file. One `ModelSource` resolves the model flags of every command, loads the model, describes it in
-one line, and round-trips through an export's manifest (`manifest["source"]`), where it also proves that the
-weights did not change since the export.
+"""Where a model's weights come from: a built-in model, a registry config with seeded random weights, a
+checkpoint file or a diffusers model directory. One `ModelSource` resolves the model flags of every command,
+loads the model, describes it in one line, and round-trips through an export's manifest (`manifest["source"]`),
+where it also proves that the weights did not change since the export.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 from .artifacts import ArtifactError, manifest_flags, rebuild_command
 from .checkpoint import CheckpointError, load_checkpoint
+from .diffusers_format import load_diffusers_dir, transformer_sha256
 from .hashing import sha256_file
 from .model import DIT_CONFIGS, DiT, DiTConfig, create_model, get_config
 from .zoo import BUILTIN_MODELS, builtin_weights, load_builtin
@@ -21,9 +22,15 @@ KINDS = ("builtin", "random", "checkpoint", "module")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
+def checkpoint_sha256(path: str | Path) -> str:
+    """The identity of a checkpoint's weights: a file's SHA-256, or a diffusers directory's over its transformer."""
+    return transformer_sha256(path) if Path(path).is_dir() else sha256_file(path)
+
+
 @dataclass(frozen=True)
 class ModelSource:
-    """A built-in model, a config with random weights (seeded), or a checkpoint (with an optional config name)."""
+    """A built-in model, a config with random weights (seeded), or a checkpoint file or diffusers directory (with
+    an optional config name)."""
     kind: str
     model: str | None = None
     checkpoint: Path | None = None
@@ -62,6 +69,10 @@ class ModelSource:
         """The model in eval mode."""
         if self.kind == "checkpoint":
             assert self.checkpoint is not None
+            if self.checkpoint.is_dir():
+                config = self.config or (get_config(self.config_name, image_size=self.image_size)
+                                         if self.config_name else None)
+                return load_diffusers_dir(self.checkpoint, config)
             return load_checkpoint(self.checkpoint, self.config or self.config_name, self.image_size)
         if self.kind == "builtin":
             assert self.model is not None
@@ -87,22 +98,31 @@ class ModelSource:
         flags = ["--model", self.model or "digits"]
         return flags + (["--image-size", str(self.image_size)] if self.image_size is not None else [])
 
+    def default_vae(self) -> Path | None:
+        """The decoder of a diffusers model directory's latents: its own `vae/` (None for every other source)."""
+        from .diffusers_format import vae_dir_of
+
+        return vae_dir_of(self.checkpoint) if self.kind == "checkpoint" else None
+
     def describe(self) -> str:
         """One line: where the weights come from."""
         if self.kind == "module":
             return "a DiT given in memory"
         if self.kind == "checkpoint":
-            return f"checkpoint {self.checkpoint}"
+            assert self.checkpoint is not None
+            return f"{'diffusers directory' if self.checkpoint.is_dir() else 'checkpoint'} {self.checkpoint}"
         if self.kind == "builtin":
             return f"built-in model {self.model!r}"
         return f"{self.model} with random weights (seed {self.seed})"
 
     def to_manifest(self) -> dict:
-        """The manifest's "source": the kind and name, with the SHA-256 of the file that holds the weights."""
+        """The manifest's "source": the kind and name, with the SHA-256 of the file that holds the weights (of a
+        diffusers directory: over its transformer's files)."""
         if self.kind == "checkpoint":
             assert self.checkpoint is not None
             path = self.checkpoint.resolve()
-            return {"kind": "checkpoint", "model": None, "checkpoint": {"path": str(path), "sha256": sha256_file(path)}}
+            return {"kind": "checkpoint", "model": None,
+                    "checkpoint": {"path": str(path), "sha256": checkpoint_sha256(path)}}
         if self.kind == "builtin":
             assert self.model is not None
             return {"kind": "builtin", "model": self.model, "checkpoint": None,
@@ -134,10 +154,10 @@ class ModelSource:
                 raise ArtifactError(f"the weights of built-in model {self.model!r} changed since this export; "
                                     f"rebuild with: {rebuild}")
         elif self.kind == "checkpoint":
-            if self.checkpoint is None or not self.checkpoint.is_file():
+            if self.checkpoint is None or not self.checkpoint.exists():
                 raise ArtifactError(f"the checkpoint this export came from is gone ({self.checkpoint}); "
                                     "validation needs it")
-            if sha256_file(self.checkpoint) != recorded["checkpoint"]["sha256"]:
+            if checkpoint_sha256(self.checkpoint) != recorded["checkpoint"]["sha256"]:
                 raise ArtifactError(f"{self.checkpoint} changed since this export (SHA-256 differs); "
                                     f"rebuild with: {rebuild}")
         return self.load()

@@ -43,7 +43,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="built-in model (default: digits) or a config name such as DiT-S/2 for random weights")
-    g.add_argument("--checkpoint", default=None, help="a .pt / .safetensors checkpoint (official or train.py)")
+    g.add_argument("--checkpoint", default=None,
+                   help="a .pt / .safetensors checkpoint (official or train.py), or a diffusers model directory "
+                        "(transformer/, vae/, scheduler/)")
     g.add_argument("--config", default=None, help="config name for --checkpoint when it cannot be inferred")
     g.add_argument("--image-size", type=int, default=None, choices=(256, 512),
                    help="image size of an official latent model (sets input size = size / 8)")

@@ -45,12 +45,13 @@ def sample_pipeline(args):
     (--export-dir, or the model flags' default one), whose config comes from its manifest (no torch model built)."""
     from ..backends.open import check_available
     from ..pipeline import Pipeline
+    from ..source import source_of
 
     check_available(args.backend, args.device)
     if args.backend == "torch":
         model = load_cli_model(args)
         threads = set_threads(args, model.config.hidden_size)
-        decoder = args.vae or default_vae(args)
+        decoder = args.vae or source_of(model).default_vae()
         return Pipeline.from_model(model, device=args.device, precision=args.precision, decoder=decoder,
                                    max_batch=args.max_batch, cuda_graph=args.cuda_graph,
                                    compile_mode=args.torch_compile), describe_model(model), threads
@@ -66,17 +67,6 @@ def sample_pipeline(args):
     pipeline = Pipeline.from_export(export_dir, args.backend, args.precision, decoder=args.vae or "auto",
                                     device=args.device, max_batch=args.max_batch)
     return pipeline, f"export {export_dir}", threads
-
-
-def default_vae(args):
-    """A diffusers-layout model directory's own `vae/`, where the checkpoint is one; else no decoder."""
-    if args.checkpoint is None:
-        return None
-    try:
-        from ..diffusers_format import vae_dir_of
-    except ImportError:
-        return None
-    return vae_dir_of(args.checkpoint)
 
 
 def cmd_sample(args) -> int:
