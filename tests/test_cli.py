@@ -156,3 +156,21 @@ def test_only_user_errors_are_one_line_an_internal_error_keeps_its_traceback(mon
     monkeypatch.setattr(parser, "cmd_info", fails_with(RuntimeError("diffusers missing")))
     with pytest.raises(RuntimeError):
         main(["info"])
+
+
+def test_eval_and_bench_take_every_model_flag(tmp_path, capsys, monkeypatch):
+    """Every command that takes a model takes all four model flags the same way (review finding of issue 20: eval
+    and bench dropped --image-size and --config, so a 512-px model was sampled at 256 px or sent to the 256-px
+    export)."""
+    code = main(["eval", "--model", "DiT-S/8", "--image-size", "512", "--num-per-class", "1", "--steps", "1"])
+    assert code == 2 and "4x64x64" in capsys.readouterr().err  # the 512-px model (64x64 latents), refused by name
+    # bench's default export is the one `build` makes for the same flags: exports/DiT-S-8-512 (a file here, so the
+    # bench stops at once and says where it looked; the 256-px directory would be refused the same way).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exports").mkdir()
+    for size in (256, 512):
+        (tmp_path / "exports" / f"DiT-S-8-{size}").write_text("not an export")
+    code = main(["bench", "--model", "DiT-S/8", "--image-size", "512", "--backends", "onnxruntime-fp32", "--quick",
+                 "--batch-sizes", "2", "--no-unguided"])
+    err = capsys.readouterr().err
+    assert code == 2 and "DiT-S-8-512" in err and "DiT-S-8-256" not in err
