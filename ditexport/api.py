@@ -71,6 +71,7 @@ class Export:
 
     @property
     def name(self) -> str:
+        """The export directory's name (the model is `manifest["model"]`)."""
         return self.path.name
 
     @property

@@ -187,6 +187,7 @@ class Pipeline:
     # ---------------------------------------------------------------------------------------- sampling
 
     def sampler(self, sampler_cfg: SamplerConfig) -> Sampler:
+        """The sampler of these settings for this pipeline's model."""
         return Sampler(sampler_cfg, self.config.in_channels, self.config.num_classes, self.config.learn_sigma)
 
     def check(self, labels: list[int], seed: int, sampler_cfg: SamplerConfig) -> None:

@@ -121,3 +121,26 @@ def test_build_returns_the_export_or_raises(tmp_path, monkeypatch, one_torch_thr
     with pytest.raises(ditexport.ValidationFailedError) as failed:
         ditexport.build("digits", tmp_path / "f", precisions="fp32", sample_steps=0, log=lines.append)
     assert failed.value.export.passed is False and (tmp_path / "f" / "model.onnx").is_file()
+
+
+def test_every_public_definition_says_what_it_does():
+    """Review finding of issue 20: public definitions without a docstring (`Backend.with_condition`). Every name
+    `ditexport` exports, their public methods and properties, and the backends' interface carry one."""
+    import inspect
+
+    from ditexport.backends.base import Backend
+    from ditexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from ditexport.backends.torch_backend import TorchBackend
+
+    missing = []
+    for obj in [getattr(ditexport, n) for n in ditexport.__all__ if n != "__version__"] + [
+            Backend, OnnxRuntimeBackend, TorchBackend]:
+        if not inspect.getdoc(obj):
+            missing.append(obj.__qualname__)
+        for name, member in (vars(obj).items() if inspect.isclass(obj) else ()):
+            if name.startswith("_") and name != "__call__":
+                continue
+            function = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+            if callable(function) and not (function.__doc__ or "").strip():
+                missing.append(f"{obj.__qualname__}.{name}")
+    assert missing == []

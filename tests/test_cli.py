@@ -174,3 +174,23 @@ def test_eval_and_bench_take_every_model_flag(tmp_path, capsys, monkeypatch):
                  "--batch-sizes", "2", "--no-unguided"])
     err = capsys.readouterr().err
     assert code == 2 and "DiT-S-8-512" in err and "DiT-S-8-256" not in err
+
+
+def test_sample_through_an_export_builds_no_torch_model_and_checks_the_request_once(digits_export, dit_constructions,
+                                                                                     monkeypatch, tmp_path):
+    """Review findings of issue 20: `sample --backend onnxruntime` built the whole torch model to learn the config its
+    manifest records, and one request was checked three times (the command, the chunk loop, each chunk)."""
+    import ditexport.pipeline as pipeline
+
+    checks = []
+    real = pipeline.check_request
+
+    def counted(*args):
+        checks.append(args[1])
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, "check_request", counted)
+    assert main(["sample", "--backend", "onnxruntime", "--export-dir", str(digits_export), "--steps", "2",
+                 "--num-images", "70", "--quiet", "--out", str(tmp_path / "x.png")]) == 0
+    assert dit_constructions == []  # the config came from the manifest
+    assert len(checks) == 1 and len(checks[0]) == 70  # one request, checked once, over two chunks

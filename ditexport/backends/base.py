@@ -50,9 +50,13 @@ class Backend:
         raise NotImplementedError(f"{type(self).__name__} does not run the conditioning-vector graph")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The model output (B, C_out, H, W) for noisy inputs x (B, C, H, W), timesteps t (B,) and labels y (B,)."""
         return self._split(self._forward, x, t, y)
 
     def with_condition(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The model output for x driven by conditioning vectors c (B, hidden) instead of (t, y): the embedding
+        sum t_embedder(t) + y_embedder(y) that every adaLN-Zero modulation reads, so blended or custom conditions
+        can be fed (the export's cond graph)."""
         return self._split(self._forward_with_condition, x, c)
 
     def _split(self, fn, *inputs):
@@ -72,4 +76,5 @@ class Backend:
         self.close()
 
     def describe(self) -> str:
+        """One line for banners: the runtime, its precision and where it runs."""
         return f"{self.name} ({self.precision}, {self.device})"

@@ -174,11 +174,12 @@ class OnnxRuntimeBackend(Backend):
         return self._run(self.cond_session, {"x": x.float(), "c": c.float()})
 
     def describe(self) -> str:
+        """The runtime, precision, provider and graph file, for banners."""
         provider = "CUDA, TF32 off" if self.device.type == "cuda" else "CPU"
         return f"{self.name} ({self.precision}, {provider}, {self.onnx_path.name})"
 
     def close(self) -> None:
-        # Drops the sessions and their memory; the backend cannot run afterwards.
+        """Drops the sessions and their memory; the backend cannot run afterwards."""
         self.__dict__.pop("session", None)
         self.cond_session = None
 

@@ -94,10 +94,12 @@ class TorchBackend(Backend):
             return fresh_float32(compiled(*inputs))
 
     def describe(self) -> str:
+        """The runtime, precision, device and mode (eager, CUDA graph or compiled), for banners."""
         mode = "" if self.mode == "eager" else f", {self.mode}"
         return f"{self.name} ({self.precision}, {self.device}{mode})"
 
     def close(self) -> None:
+        """Releases the captured CUDA graphs and their static buffers."""
         if self._graphs is not None:
             with self._lock:
                 self._graphs.clear()
