@@ -196,7 +196,9 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, settings: Bui
 def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max_images: int, opset: int,
                   force: bool, sample_steps, model_name: str, build_flags, rebuild_command: str, vae_dir, log) -> bool:
     start = time.perf_counter()
-    vae, vae_record = _load_vae(vae_dir, model) if vae_dir else (None, None)  # refused before anything is removed
+    from .vae import export_vae_graphs, load_fitting_vae
+
+    vae, vae_record = load_fitting_vae(vae_dir, model.config) if vae_dir else (None, None)  # before anything goes
     inputs = build_inputs(model.config, source, precisions, max_images, opset, vae_record)
     profile = BatchProfile.for_images(max_images, guided=model.config.has_null_class)
     writable = artifacts.write_problem(export_dir) is None
@@ -219,8 +221,6 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
     try:
         paths = export_graphs(model, export_dir, precisions=precisions, opset=opset, log=log)
         if vae is not None:
-            from .vae import export_vae_graphs
-
             vae_paths = export_vae_graphs(vae, export_dir, latent_size=vae_record["latent_size"], opset=opset,
                                           precisions=[p for p in ("fp32", "fp16") if p in precisions], log=log)
             paths.update({(artifacts.VAE_GRAPH, p): path for p, path in vae_paths.items()})
@@ -300,30 +300,6 @@ def _add_missing_engines(export_dir: Path, model: DiT, precisions, profile: Batc
     return bool(parity.get("passed", True))
 
 
-def _load_vae(vae_dir, model: DiT) -> tuple[object, dict]:
-    """The diffusers AutoencoderKL of --vae, checked against the DiT, and its manifest record."""
-    from .vae import check_vae_fits, load_vae, vae_record
-
-    vae = load_vae(vae_dir)
-    check_vae_fits(vae, model.config)
-    return vae, vae_record(vae_dir, vae, model.config.input_size)
-
-
-def _recorded_vae(manifest: dict, rebuild: str):
-    """The VAE an export's decoder graphs came from, refused when it is gone or changed since."""
-    from .vae import load_vae, vae_digest
-
-    record = manifest.get("vae")
-    if not record:
-        return None
-    path = Path(record["source"]["path"])
-    if not path.is_dir():
-        raise ArtifactError(f"the VAE this export came from is gone ({path}); validation needs it")
-    if vae_digest(path) != record["source"]["sha256"]:
-        raise ArtifactError(f"the VAE in {path} changed since this export; rebuild with: {rebuild}")
-    return load_vae(path)
-
-
 def _validate_and_report(export_dir: Path, model: DiT, model_name: str, sample_steps, opset, log, vae=None):
     from .validate import validate_export
 
@@ -359,8 +335,10 @@ def revalidate(export_dir: str | Path, *, sample_steps: int | None = None, rebui
         from .validate import report_differences
 
         previous = _read_report(export_dir)
+        from .vae import recorded_vae
+
         report = _validate_and_report(export_dir, model, name, sample_steps, manifest["io_spec"].get("opset"), log,
-                                      _recorded_vae(manifest, rebuild))
+                                      recorded_vae(manifest, rebuild))
         if previous is not None:
             differences = report_differences(previous, report.to_dict())
             if differences:

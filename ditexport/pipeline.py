@@ -16,9 +16,9 @@ import torch
 
 from .errors import DitexportError, UsageError
 from .backends.base import Backend, synchronize
+from .backends.decoders import VAE_SCALE, VaeDecoder  # noqa: F401  (the decoders a pipeline takes)
 from .sampler import Sampler, SamplerConfig
 
-VAE_SCALE = 0.18215  # the SD VAE latent scale used by DiT
 # Images sampled together (and noised from one generator). Fixed, not the backend's max batch, so a request
 # draws the same images on every backend; a backend still splits each forward at its own max batch.
 CHUNK_IMAGES = 64
@@ -46,35 +46,6 @@ class IdentityDecoder:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x
-
-
-class VaeDecoder:
-    """The Stable Diffusion VAE decoder (diffusers `AutoencoderKL`) from a local directory."""
-
-    name = "vae"
-
-    def __init__(self, path: str | Path, device="cpu", dtype=torch.float32):
-        try:
-            from diffusers import AutoencoderKL
-        except ImportError:
-            raise DitexportError("the VAE decoder needs diffusers: pip install 'ditexport[vae]'") from None
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"VAE directory not found: {path}")
-        self.vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True).to(device=device, dtype=dtype)
-        self.vae.eval()
-        self.dtype = dtype
-
-    @classmethod
-    def from_vae(cls, vae, dtype=torch.float32) -> "VaeDecoder":
-        """A decoder over an AutoencoderKL already loaded (in eval mode, on its device)."""
-        decoder = cls.__new__(cls)
-        decoder.vae, decoder.dtype = vae, dtype
-        return decoder
-
-    @torch.no_grad()
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents.to(self.vae.device)
-        return self.vae.decode((latents / VAE_SCALE).to(self.dtype)).sample.float()
 
 
 @dataclass

@@ -12,7 +12,7 @@ from .errors import DitexportError
 from .export.spec import DEFAULT_OPSET
 from .export.vae import VAE_PRECISIONS, export_vae_graph
 from .logs import get_logger
-from .pipeline import VAE_SCALE
+from .backends.decoders import VAE_SCALE
 
 LOG = get_logger("vae")
 
@@ -25,7 +25,7 @@ class VaeExportError(DitexportError):
 
 def load_vae(path: str | Path):
     """A diffusers AutoencoderKL from a local directory, through the pipeline's loader (fp32, CPU, eval)."""
-    from .pipeline import VaeDecoder
+    from .backends.decoders import VaeDecoder
 
     try:
         return VaeDecoder(path).vae
@@ -61,11 +61,30 @@ def vae_record(vae_dir: str | Path, vae, latent_size: int) -> dict:
             "scale": VAE_SCALE}
 
 
-def check_vae_fits(vae, config) -> None:
-    """Refuses a VAE whose latents are not the DiT's samples."""
+def load_fitting_vae(vae_dir: str | Path, config) -> tuple[object, dict]:
+    """The AutoencoderKL of `build --vae`, refused when its latents are not the DiT's samples, and its manifest
+    record."""
+    vae = load_vae(vae_dir)
     if vae.config.latent_channels != config.in_channels:
         raise VaeExportError(f"the VAE takes {vae.config.latent_channels}-channel latents, but the DiT samples "
                              f"{config.in_channels} channels; pass the VAE this DiT was trained with")
+    return vae, vae_record(vae_dir, vae, config.input_size)
+
+
+def recorded_vae(manifest: dict, rebuild: str):
+    """The VAE an export's decoder graphs came from (None for an export without one), refused when it is gone or
+    changed since."""
+    from .artifacts import ArtifactError
+
+    record = manifest.get("vae")
+    if not record:
+        return None
+    path = Path(record["source"]["path"])
+    if not path.is_dir():
+        raise ArtifactError(f"the VAE this export came from is gone ({path}); validation needs it")
+    if vae_digest(path) != record["source"]["sha256"]:
+        raise ArtifactError(f"the VAE in {path} changed since this export; rebuild with: {rebuild}")
+    return load_vae(path)
 
 
 def export_vae_graphs(vae, out_dir: str | Path, *, latent_size: int, precisions=VAE_PRECISIONS,
@@ -88,15 +107,21 @@ def export_vae_graphs(vae, out_dir: str | Path, *, latent_size: int, precisions=
 
 # ---------------------------------------------------------------------------------------- export-vae
 
-def export_vae(vae_dir: str | Path, out_dir: str | Path, *, latent_size: int, precisions=VAE_PRECISIONS,
-               opset: int | None = None, log=LOG.info) -> dict:
-    """The decoder alone (`export-vae`): exports and validates each precision into `out_dir` with
-    `vae_report.json`; returns the report, whose "passed" says whether every validation passed. `build --vae` runs
-    the same export and validation inside a DiT export."""
+def export_vae(vae_dir: str | Path, out_dir: str | Path, *, latent_size: int | None = None,
+               image_size: int | None = None, precisions=VAE_PRECISIONS, opset: int | None = None,
+               log=LOG.info) -> dict:
+    """The decoder alone (`export-vae`) for `latent_size` latents (or those of `image_size` images): exports and
+    validates each precision into `out_dir` with `vae_report.json`; returns the report, whose "passed" says whether
+    every validation passed. `build --vae` runs the same export and validation inside a DiT export."""
     from .artifacts import atomic_write_json, ensure_writable_dir
     from .validate.vae import validate_vae_decoder
 
     vae = load_vae(vae_dir)
+    if latent_size is None:
+        factor = vae_scale_factor(vae)
+        if image_size is None or image_size % factor:
+            raise VaeExportError(f"--image-size {image_size} is not a multiple of the VAE's factor {factor}")
+        latent_size = image_size // factor
     out_dir = ensure_writable_dir(out_dir)
     report = {"vae": str(vae_dir), "latent_size": latent_size, "image_size": latent_size * vae_scale_factor(vae),
               "latent_channels": vae.config.latent_channels, "scale": VAE_SCALE, "graphs": {}}

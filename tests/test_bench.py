@@ -88,8 +88,8 @@ def quick_run(tmp_path_factory, workdir):
 def test_quick_cpu_bench_writes_json_plot_and_ends_with_the_table(quick_run):
     code, out, printed = quick_run
     assert code == 0
-    report = json.loads((out / "bench-DiT-tiny-2-cpu.json").read_text())
-    assert (out / "bench-DiT-tiny-2-cpu.png").stat().st_size > 1000
+    report = json.loads((out / "bench-DiT-tiny-2-64-cpu.json").read_text())
+    assert (out / "bench-DiT-tiny-2-64-cpu.png").stat().st_size > 1000
     backends = {r["backend"] for r in report["results"]}
     assert {"torch-eager", "onnxruntime-fp32", "onnxruntime-fp16"} <= backends
     sampler_ms = report["sampler_ms_per_step"]
@@ -154,7 +154,7 @@ def test_a_failing_backend_is_a_row_and_the_bench_goes_on(quick_run, workdir, tm
                  "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert code == 0
-    report = json.loads((tmp_path / "out" / "bench-DiT-tiny-2-cpu.json").read_text())
+    report = json.loads((tmp_path / "out" / "bench-DiT-tiny-2-64-cpu.json").read_text())
     (failed,) = report["failed"]
     assert failed["backend"] == "onnxruntime-fp16" and "model.fp16.onnx" in failed["error"]
     assert "\n" not in failed["error"]
@@ -192,7 +192,7 @@ def test_bench_runs_the_export_that_build_makes_and_never_a_second_one(quick_run
 
 def test_every_row_reports_the_spread_of_its_timed_calls(quick_run):
     _, out, printed = quick_run
-    report = json.loads((out / "bench-DiT-tiny-2-cpu.json").read_text())
+    report = json.loads((out / "bench-DiT-tiny-2-64-cpu.json").read_text())
     for row in report["results"]:
         assert row["spread"] == pytest.approx((row["ms_max"] - row["ms_min"]) / row["ms_per_forward"])
     assert (stability_warning(report) is None) == all(r["spread"] <= UNSTABLE_SPREAD for r in report["results"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ditexport.artifacts import ArtifactError
-from ditexport.build import check_source
+from ditexport.building import check_source
 from ditexport.checkpoint import CheckpointError
 from ditexport.diffusers_format import (DIFFUSERS_DEFAULTS, config_from_diffusers, config_to_diffusers,
                                         diffusers_to_official, official_to_diffusers, transformer_sha256, vae_dir_of)

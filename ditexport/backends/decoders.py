@@ -1,5 +1,6 @@
-"""The VAE decoder of a latent export on the runtime its DiT runs on: ONNX Runtime (CPU, or CUDA with I/O binding)
-or TensorRT. Each is a callable `images = decoder(latents)`, as `pipeline.VaeDecoder` (the diffusers reference)."""
+"""Decoders of latent DiTs' samples, each a callable `images = decoder(latents)` (images in about [-1, 1]):
+`VaeDecoder`, the diffusers AutoencoderKL in torch (the reference), and the export's decoder graph on the runtime its
+DiT runs on (ONNX Runtime: CPU, or CUDA with I/O binding)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,37 @@ from pathlib import Path
 import torch
 
 from ..errors import DitexportError
+
+VAE_SCALE = 0.18215  # the SD VAE latent scale used by DiT
+
+
+class VaeDecoder:
+    """The Stable Diffusion VAE decoder (diffusers `AutoencoderKL`) from a local directory."""
+
+    name = "vae (diffusers, torch)"
+
+    def __init__(self, path: str | Path, device="cpu", dtype=torch.float32):
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError:
+            raise DitexportError("the VAE decoder needs diffusers: pip install 'ditexport[vae]'") from None
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"VAE directory not found: {path}")
+        self.vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True).to(device=device, dtype=dtype)
+        self.vae.eval()
+        self.dtype = dtype
+
+    @classmethod
+    def from_vae(cls, vae, dtype=torch.float32) -> "VaeDecoder":
+        """A decoder over an AutoencoderKL already loaded (in eval mode, on its device)."""
+        decoder = cls.__new__(cls)
+        decoder.vae, decoder.dtype = vae, dtype
+        return decoder
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.vae.device)
+        return self.vae.decode((latents / VAE_SCALE).to(self.dtype)).sample.float()
 
 
 class OnnxRuntimeDecoder:

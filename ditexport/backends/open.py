@@ -151,7 +151,7 @@ def open_decoder(decoder, export_dir: str | Path | None, kind: str = "onnxruntim
 
         return open_export_decoder(Path(export_dir), kind, precision, device=device, threads=threads)
     if isinstance(decoder, (str, Path)):
-        from ..pipeline import VaeDecoder
+        from .decoders import VaeDecoder
 
         return VaeDecoder(decoder, device=_device(device) if isinstance(device, str) else device)
     return decoder

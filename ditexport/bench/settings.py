@@ -47,6 +47,17 @@ class BenchSettings:
     out_dir: str = "exports/bench"
     quick: bool = False
 
+    def __post_init__(self):
+        from ..errors import DitexportError, UsageError
+
+        unknown = [b for b in self.backends or () if b not in BENCH_BACKENDS]
+        if unknown:
+            raise DitexportError(f"unknown bench backend(s) {', '.join(unknown)}; choose from "
+                                 f"{', '.join(BENCH_BACKENDS)}")
+        for b in self.batch_sizes:
+            if b < 2 or b % 2:
+                raise UsageError(f"guided batch sizes are even and at least 2 (2 rows per image), got {b}")
+
     @classmethod
     def quick_settings(cls, **overrides) -> "BenchSettings":
         base = dict(warmup=2, iters=5, sample_steps=20, matmul_size=4096, quick=True)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import DitexportError
 from .options import (describe_model, export_dir_of, load_cli_model, model_source, rebuild_hint, resolve_device,
                       set_threads)
 
@@ -25,33 +24,24 @@ def cmd_demo(args) -> int:
 
 def train_digits_out(args) -> Path:
     """--out, else a new runs/digits-<time>; the shipped weights only with --overwrite-builtin."""
-    from ..zoo.digits_train import BUILTIN_DIR, is_builtin_dir, new_run_dir
+    from ..zoo.digits_train import run_dir
 
-    if args.overwrite_builtin:
-        if args.out and not is_builtin_dir(args.out):
-            raise DitexportError(f"--overwrite-builtin writes {BUILTIN_DIR}; drop it, or drop --out {args.out}")
-        return BUILTIN_DIR
-    if args.out and is_builtin_dir(args.out):
-        raise DitexportError(f"{args.out} holds the shipped digits weights; pass --overwrite-builtin to replace them")
-    return Path(args.out) if args.out else new_run_dir()
+    return run_dir(args.out, args.overwrite_builtin)
 
 
 def cmd_train_digits(args) -> int:
     from ..model import get_config
-    from ..zoo.digits_eval import LEARNED_AGREEMENT, QUICK_PER_CLASS, QUICK_STEPS, quick_class_agreement
-    from ..zoo.digits_train import DigitsTrainConfig, save_weights, train_digits, training_summary
+    from ..zoo.digits_eval import LEARNED_AGREEMENT, QUICK_PER_CLASS, QUICK_STEPS
+    from ..zoo.digits_train import DigitsTrainConfig, train_and_save
 
     cfg = DigitsTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr)
     out = train_digits_out(args)
     threads = set_threads(args, get_config(cfg.model).hidden_size)
     print(f"training {cfg.model} on scikit-learn's digits: {cfg.steps} steps, batch {cfg.batch_size}, "
           f"lr {cfg.lr}, EMA {cfg.ema_decay}, seed {cfg.seed}, {threads}; into {out}")
-    result = train_digits(cfg, progress=not args.quiet)
-    summary = training_summary(result)
-    agreement = quick_class_agreement(result.ema)
-    summary["quick_class_agreement"] = agreement
-    path = save_weights(result.ema, out, summary)
-    print(f"trained in {result.seconds:.1f} s; mean loss of the last {summary['final_loss_steps']} steps "
+    path, summary = train_and_save(cfg, out, progress=not args.quiet)
+    agreement = summary["quick_class_agreement"]
+    print(f"trained in {summary['seconds']:.1f} s; mean loss of the last {summary['final_loss_steps']} steps "
           f"{summary['final_loss_mean']}")
     print(f"check: {100 * agreement:.0f} % of {10 * QUICK_PER_CLASS} guided samples ({QUICK_PER_CLASS} per class, "
           f"{QUICK_STEPS} steps) read as the requested digit (chance: 10 %)")
@@ -72,15 +62,9 @@ def bench_export(args, model) -> Path:
 
 
 def cmd_bench(args) -> int:
-    from ..bench import BENCH_BACKENDS, BenchSettings, format_table, run_bench, stability_warning, write_outputs
+    from ..bench import BenchSettings, format_table, run_bench, stability_warning, write_outputs
 
-    backends = None
-    if args.backends:
-        backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
-        unknown = [b for b in backends if b not in BENCH_BACKENDS]
-        if unknown:
-            raise DitexportError(f"unknown bench backend(s) {', '.join(unknown)}; choose from "
-                                 f"{', '.join(BENCH_BACKENDS)}")
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip()) if args.backends else None
     options = dict(device=args.device, backends=backends, compile_mode=args.compile_mode, out_dir=args.out,
                    export_dir=args.export_dir, unguided=not args.no_unguided, batch_sizes=args.batch_sizes,
                    builder_optimization_level=args.builder_optimization_level)
@@ -131,18 +115,12 @@ def cmd_gpu_check(args) -> int:
 # ------------------------------------------------------------------------------------------ export-vae
 
 def cmd_export_vae(args) -> int:
-    from ..vae import export_vae, load_vae, vae_scale_factor
+    from ..vae import export_vae
 
     print(f"export-vae: {set_threads(args, None)}")
-
-    latent_size = args.latent_size
-    if latent_size is None:
-        factor = vae_scale_factor(load_vae(args.vae))
-        if args.image_size % factor:
-            raise DitexportError(f"--image-size {args.image_size} is not a multiple of the VAE's factor {factor}")
-        latent_size = args.image_size // factor
     precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
-    report = export_vae(args.vae, args.out, latent_size=latent_size, precisions=precisions, opset=args.opset)
+    report = export_vae(args.vae, args.out, image_size=args.image_size, latent_size=args.latent_size,
+                        precisions=precisions, opset=args.opset)
     return 0 if report["passed"] else 1
 
 

@@ -222,7 +222,7 @@ def create_service(exports_root: str | Path = "exports", device: str = "cpu", li
     models = [builtin_entry()] + export_entries(exports_root)
     decoder = None
     if vae is not None:
-        from ..pipeline import VaeDecoder
+        from ..backends.decoders import VaeDecoder
 
         decoder = VaeDecoder(vae, device=device)
     return DemoService(models, limits, device=device, concurrency=concurrency, decoder=decoder or IdentityDecoder())

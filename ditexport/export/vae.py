@@ -1,7 +1,7 @@
 """The VAE decoder of latent DiTs as ONNX (fp32 and fp16, dynamic batch), exported through the DiT's path.
 
 The graph takes the latents exactly as the DiT sampler returns them and gives images in about [-1, 1]: the
-1/0.18215 latent scale is inside it, as in `pipeline.VaeDecoder`. The fp16 graph runs convolutions, attention and
+1/0.18215 latent scale is inside it, as in `backends.decoders.VaeDecoder`. The fp16 graph runs convolutions, attention and
 upsampling in fp16 and keeps every GroupNorm in fp32 (statistics over a whole feature map overflow fp16), with fp32
 inputs and outputs, the same policy as the DiT's fp16 graph.
 """
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..pipeline import VAE_SCALE
+from ..backends.decoders import VAE_SCALE
 from .save import clean_up, save_onnx
 from .spec import DEFAULT_OPSET, ExportError
 from .trace import trace_to_onnx

@@ -114,8 +114,7 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
                         if graph == "xty"}
             decoders = reference_decoder = None
             if vae_graphs:
-                from ..backends.decoders import OnnxRuntimeDecoder
-                from ..pipeline import VaeDecoder
+                from ..backends.decoders import OnnxRuntimeDecoder, VaeDecoder
 
                 reference_decoder = VaeDecoder.from_vae(vae)
                 image_shape = tuple(reference_decoder(torch.zeros(1, model.config.in_channels, model.config.input_size,

@@ -37,6 +37,32 @@ def is_builtin_dir(path: str | Path) -> bool:
     return Path(path).resolve() == BUILTIN_DIR.resolve()
 
 
+def run_dir(out: str | Path | None = None, overwrite_builtin: bool = False) -> Path:
+    """Where a training run writes: `out`, else a new runs/digits-<time>; the shipped weights' directory only with
+    `overwrite_builtin` (refused otherwise, before any training)."""
+    from ..errors import DitexportError
+
+    if overwrite_builtin:
+        if out and not is_builtin_dir(out):
+            raise DitexportError(f"--overwrite-builtin writes {BUILTIN_DIR}; drop it, or drop --out {out}")
+        return BUILTIN_DIR
+    if out and is_builtin_dir(out):
+        raise DitexportError(f"{out} holds the shipped digits weights; pass --overwrite-builtin to replace them")
+    return Path(out) if out else new_run_dir()
+
+
+def train_and_save(cfg: DigitsTrainConfig, out_dir: str | Path, progress: bool = True) -> tuple[Path, dict]:
+    """Trains, checks in seconds that the EMA model draws the requested digits, and saves its weights with the
+    training summary (its "quick_class_agreement" is that check); returns the weights' path and the summary."""
+    from .digits_eval import quick_class_agreement
+
+    result = train_digits(cfg, progress=progress)
+    summary = training_summary(result)
+    summary["quick_class_agreement"] = quick_class_agreement(result.ema)
+    summary["seconds"] = result.seconds
+    return save_weights(result.ema, out_dir, summary), summary
+
+
 @dataclass
 class TrainResult:
     """The raw and EMA models, the per-step losses and the wall time of the loop."""
