@@ -153,16 +153,15 @@ def build(model="digits", export_dir: str | Path | None = None, *, precisions=Bu
           config: str | None = None, log=None) -> Export:
     """Exports `model` (a name or path as for `load_model`, a `ModelSource`, or a DiT) to ONNX in `export_dir`
     (default: exports/<model name>), validates every graph against torch fp32 and builds TensorRT engines where
-    TensorRT and a GPU exist; reuses an up-to-date export. A latent model's VAE decoder (`vae`, by default a diffusers
-    model directory's own vae/) is exported, validated and compiled beside it. Returns the `Export`; raises ValidationFailedError
-    when validation failed, other `DitexportError`s when nothing could be built. `log` receives progress lines
-    (default: the "ditexport.build" logger)."""
+    TensorRT and a GPU exist; reuses an up-to-date export. A latent model's VAE decoder (`vae`, by default a
+    diffusers model directory's own vae/) is exported, validated and compiled beside it. Returns the `Export`; raises
+    ValidationFailedError when validation failed, other `DitexportError`s when nothing could be built. `log`
+    receives progress lines (default: the "ditexport.build" logger)."""
     from .building import build_export, build_flags, parse_precisions
     from .source import module_source_manifest
 
-    if isinstance(precisions, str):
-        precisions = parse_precisions(precisions)
-    settings = BuildSettings(precisions=tuple(precisions), max_images=max_images, opset=opset,
+    precisions = parse_precisions(precisions if isinstance(precisions, str) else ",".join(precisions))
+    settings = BuildSettings(precisions=precisions, max_images=max_images, opset=opset,
                              sample_steps=sample_steps, vae=None if vae is None else str(vae), force=force, wait=wait)
     source, dit = _source_and_model(model, image_size, config)
     if vae is None and source is not None and (own := source.default_vae()) is not None:

@@ -129,16 +129,14 @@ def cmd_export_vae(args) -> int:
 def cmd_build(args) -> int:
     from ..api import ValidationFailedError, build
     from ..building import parse_precisions
-    from ..settings import BuildSettings
 
-    settings = BuildSettings(precisions=parse_precisions(args.precision), max_images=args.max_batch,
-                             opset=args.opset, sample_steps=args.sample_steps, vae=args.vae, force=args.force,
-                             wait=not args.no_wait)
+    parse_precisions(args.precision)  # a bad list is refused before the model is built
     out = export_dir_of(args)
     model = load_cli_model(args)
     print(f"model: {describe_model(model)}; {set_threads(args, model.config.hidden_size)}")
     try:
-        build(model, out, **{f: getattr(settings, f) for f in settings.__dataclass_fields__})
+        build(model, out, precisions=args.precision, max_images=args.max_batch, opset=args.opset,
+              sample_steps=args.sample_steps, vae=args.vae, force=args.force, wait=not args.no_wait)
     except ValidationFailedError:
         return 1  # the report, ending in FAILED, has been printed
     return 0
