@@ -13,7 +13,7 @@ from pathlib import Path
 from . import artifacts, locking, verification
 from .artifacts import GRAPH_STEMS, ArtifactError, onnx_filename
 from .hashing import sha256_file
-from .errors import DitexportError
+from .errors import DitexportError, summary
 from .engine.profile import DEFAULT_MAX_BATCH_IMAGES, BatchProfile
 from .export import DEFAULT_OPSET, GRAPHS, PRECISIONS, export_graphs, io_spec
 from .model import DiT, DiTConfig
@@ -118,8 +118,15 @@ def _check_free_space(export_dir: Path, model: DiT, precisions, reclaimed: int =
                             f"{have / 1e6:.1f} MB are free; free some space or pass another --export-dir")
 
 
-def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log, rebuild_command: str | None = None) -> dict:
-    """TensorRT engines from the fp16 graphs (fp32 when fp16 is not built), where TensorRT and a GPU exist."""
+def _engine_stage(export_dir: Path, model: DiT, precisions, profile: BatchProfile, log,
+                  rebuild_command: str | None = None) -> dict:
+    """TensorRT engines from the fp16 graphs (fp32 when fp16 is not built), where TensorRT and a GPU exist, then
+    compared with ONNX Runtime (Polygraphy): the manifest's engine entry, which the ONNX verdict never depends on.
+
+    Whatever fails here (the build, the comparison, a mismatch) is the plans' failure alone: this machine's plans
+    are discarded, the validated ONNX export stays usable, and the entry and one log line say what failed and
+    how to retry (the plain build command, which builds the missing engines of an up-to-date export).
+    """
     from . import engine
 
     reason = engine.tensorrt_unavailable_reason()
@@ -127,28 +134,78 @@ def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log, rebu
         log(f"engine: skipped — {reason}")
         return {"status": "skipped", "reason": reason}
     precision = "fp16" if "fp16" in precisions else "fp32"
-    plans = {}
-    for graph, stem in GRAPH_STEMS.items():
-        onnx_path = export_dir / onnx_filename(graph, precision)
-        plan_path = engine.plan_path_for(export_dir, stem)
-        start = time.perf_counter()
-        with heartbeat(log, f"engine: building {plan_path.name} from {onnx_path.name}"):
-            meta = engine.build_engine(onnx_path, plan_path, min_batch=profile.min, opt_batch=profile.opt,
-                                       max_batch=profile.max, rebuild_command=rebuild_command)
-        log(f"engine: {plan_path.name} from {onnx_path.name} ({time.perf_counter() - start:.1f} s)")
-        plans[stem] = {"plan": plan_path.name, "onnx": onnx_path.name,
-                       "tensorrt_version": meta.get("tensorrt_version"), "gpu_name": meta.get("gpu_name")}
-    return {"status": "built", "plans": plans}
+    plans, made = {}, []
+    try:
+        for graph, stem in GRAPH_STEMS.items():
+            onnx_path = export_dir / onnx_filename(graph, precision)
+            plan_path = engine.plan_path_for(export_dir, stem)
+            made.append(plan_path)
+            start = time.perf_counter()
+            with heartbeat(log, f"engine: building {plan_path.name} from {onnx_path.name}"):
+                meta = engine.build_engine(onnx_path, plan_path, min_batch=profile.min, opt_batch=profile.opt,
+                                           max_batch=profile.max, rebuild_command=rebuild_command)
+            log(f"engine: {plan_path.name} from {onnx_path.name} ({time.perf_counter() - start:.1f} s)")
+            plans[stem] = {"plan": plan_path.name, "onnx": onnx_path.name,
+                           "tensorrt_version": meta.get("tensorrt_version"), "gpu_name": meta.get("gpu_name")}
+    except Exception as e:  # a TensorRT problem must not cost the validated ONNX graphs
+        return _discard_engines(export_dir, made, f"building the engines failed: {summary(e)}", None, log, rebuild_command)
+    return _compare_engines(export_dir, model, {"status": "built", "plans": plans}, made, log, rebuild_command)
+
+
+def _compare_engines(export_dir: Path, model: DiT, entry: dict, plans: list[Path], log,
+                     rebuild_command: str | None) -> dict:
+    """The engine entry with its TensorRT-vs-ONNX Runtime comparison (Polygraphy), or, when the comparison fails
+    or cannot run, the failed entry of `_discard_engines`."""
+    from .validate import tensorrt_parity
+
+    parity = None
+    try:
+        parity = tensorrt_parity(export_dir, model, log=log)
+        failure = None if parity.get("passed") is True else _parity_failure(parity)
+    except Exception as e:  # e.g. Polygraphy's TrtRunner cannot find libcudart (pip-only CUDA)
+        failure = f"comparing the engines with ONNX Runtime failed: {summary(e)}"
+    if failure is None:
+        return {**entry, "parity": parity}
+    return _discard_engines(export_dir, plans, failure, parity, log, rebuild_command)
+
+
+def _parity_failure(parity: dict) -> str:
+    """One line: how the engines disagree with ONNX Runtime, or why they were not compared."""
+    if parity.get("status") != "compared":
+        return f"the engines were not compared with ONNX Runtime: {parity.get('reason')}"
+    bad = [r for r in parity["rows"] if not r["passed"]]
+    worst = max(bad, key=lambda r: r["rel_err"] if r["finite"] else float("inf"))
+    return (f"{len(bad)} of {len(parity['rows'])} TensorRT-vs-ONNX Runtime comparisons are outside the tolerance; "
+            f"worst {worst['plan']} batch {worst['batch']}: rel err {worst['rel_err']:.2e}"
+            f"{'' if worst['finite'] else ', not finite'} (tolerance {worst['tolerance']:.0e})")
+
+
+def _discard_engines(export_dir: Path, made: list[Path], failure: str, parity: dict | None, log,
+                     rebuild_command: str | None) -> dict:
+    """Removes the plans of a failed engine stage (a plan that failed is never published), says so in one line,
+    and returns the manifest's engine entry."""
+    from .engine import metadata_path
+
+    for plan in made:
+        plan.unlink(missing_ok=True)
+        metadata_path(plan).unlink(missing_ok=True)
+    retry = (rebuild_command or artifacts.rebuild_command(export_dir)).removesuffix(" --force")
+    log(f"engine: FAILED — {failure}; the TensorRT plans were discarded and the validated ONNX export is kept "
+        f"(--backend onnxruntime runs it); retry the engines with: {retry}")
+    return {"status": "failed", "reason": failure, "retry": retry, **({"parity": parity} if parity else {})}
 
 
 def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions=PRECISIONS,
                  max_images: int = DEFAULT_MAX_BATCH_IMAGES, opset: int | None = None, force: bool = False,
                  sample_steps: int | None = None, model_name: str = "", rebuild_command: str | None = None,
-                 build_flags: list[str] | None = None, wait: bool = True, log=LOG.info) -> int:
-    """Export -> validate -> engine; returns the exit code (0 passed or up to date, 1 validation failed).
+                 build_flags: list[str] | None = None, wait: bool = True, engines: bool = True,
+                 log=LOG.info) -> int:
+    """Export -> validate -> engine; returns the exit code (0 passed or up to date, 1 validation or the engine
+    stage failed: a failed engine stage keeps the validated ONNX export and discards only its plans).
 
     Holds the export directory's build lock throughout (another build waits, or with wait=False is refused);
-    an up-to-date export is only read, so it may sit on a read-only file system.
+    an up-to-date export is only read, so it may sit on a read-only file system. engines=False leaves the
+    TensorRT stage out (an up-to-date export then gets no missing engines either).
     """
     export_dir = Path(export_dir)
     created = not export_dir.exists()
@@ -159,7 +216,7 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions
         with locking.build_lock(export_dir, wait=wait, log=log):
             return _build_locked(model, source, export_dir, precisions=precisions, max_images=max_images,
                                  opset=opset or DEFAULT_OPSET, force=force, sample_steps=sample_steps,
-                                 model_name=model_name, build_flags=build_flags, log=log,
+                                 model_name=model_name, build_flags=build_flags, engines=engines, log=log,
                                  rebuild_command=rebuild_command or artifacts.rebuild_command(export_dir, build_flags))
     except BaseException:
         if created:  # a build that made its directory and failed leaves nothing behind
@@ -170,7 +227,8 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions
 
 
 def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max_images: int, opset: int,
-                  force: bool, sample_steps, model_name: str, build_flags, rebuild_command: str, log) -> int:
+                  force: bool, sample_steps, model_name: str, build_flags, rebuild_command: str, engines: bool,
+                  log) -> int:
     start = time.perf_counter()
     inputs = build_inputs(model.config, source, precisions, max_images, opset)
     profile = BatchProfile.for_images(max_images, guided=model.config.has_null_class)
@@ -180,7 +238,7 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
             f"{', '.join(sorted(removed))}")
     if not force and (why := up_to_date(export_dir, inputs, log)):
         log(f"{export_dir}: up to date ({why}); use --force to rebuild")
-        if not writable:
+        if not writable or not engines:
             return 0  # read-only: nothing is written, not even this machine's engines
         return _add_missing_engines(export_dir, model, precisions, profile, log, rebuild_command)
     artifacts.ensure_writable_dir(export_dir)
@@ -194,12 +252,11 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
     try:
         paths = export_graphs(model, export_dir, precisions=precisions, opset=opset, log=log)
         report = _validate_and_report(export_dir, model, model_name, sample_steps, opset, log)
-        engine = (_engine_stage(export_dir, precisions, profile, log, rebuild_command) if report.passed
-                  else {"status": "skipped", "reason": "validation failed"})
-        if not report.passed:
-            log("engine: skipped — validation failed")
-        elif engine["status"] == "built":
-            _check_engines(export_dir, model, report, log)
+        if report.passed and engines:
+            engine = _engine_stage(export_dir, model, precisions, profile, log, rebuild_command)
+        else:
+            engine = {"status": "skipped", "reason": "not asked for" if report.passed else "validation failed"}
+            log(f"engine: skipped — {engine['reason']}")
         files, keys = {}, {}
         with heartbeat(log, "build: hashing the files for the manifest"):
             for path in sorted(paths.values()):
@@ -235,18 +292,10 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
         raise ArtifactError(f"writing the export into {export_dir} failed: {cause}; "
                             "nothing was published as an export") from None
     verification.remember(export_dir, keys)
-    log(f"build: {'done' if report.passed else 'FAILED'} in {manifest['build_seconds']:.1f} s; "
-        f"manifest {export_dir / artifacts.MANIFEST_NAME}")
-    return 0 if report.passed else 1
-
-
-def _check_engines(export_dir: Path, model: DiT, report, log) -> None:
-    """ONNX Runtime vs the new TensorRT engines (Polygraphy), added to the report written beside them."""
-    from .validate import tensorrt_parity
-
-    report.tensorrt = tensorrt_parity(export_dir, model, log=log)
-    artifacts.atomic_write_json(export_dir / artifacts.REPORT_NAME, report.to_dict())
-    log(report.format())
+    verdict = "FAILED" if not report.passed else "done, without TensorRT engines" if engine["status"] == "failed" \
+        else "done"
+    log(f"build: {verdict} in {manifest['build_seconds']:.1f} s; manifest {export_dir / artifacts.MANIFEST_NAME}")
+    return 0 if report.passed and engine["status"] != "failed" else 1
 
 
 def _add_missing_engines(export_dir: Path, model: DiT, precisions, profile: BatchProfile, log,
@@ -260,12 +309,9 @@ def _add_missing_engines(export_dir: Path, model: DiT, precisions, profile: Batc
         return 0
     manifest = artifacts.read_manifest(export_dir)
     log(f"engine: {export_dir} has no engine for this GPU and TensorRT version; building it")
-    manifest["engine"] = _engine_stage(export_dir, precisions, profile, log, rebuild_command)
-    from .validate import tensorrt_parity
-
-    manifest["engine"]["parity"] = parity = tensorrt_parity(export_dir, model, log=log)
+    manifest["engine"] = _engine_stage(export_dir, model, precisions, profile, log, rebuild_command)
     artifacts.write_manifest(export_dir, manifest)
-    return 0 if parity.get("passed", True) else 1
+    return 1 if manifest["engine"]["status"] == "failed" else 0
 
 
 def _validate_and_report(export_dir: Path, model: DiT, model_name: str, sample_steps, opset, log):
@@ -313,8 +359,21 @@ def revalidate(export_dir: str | Path, *, sample_steps: int | None = None, rebui
         manifest["validation"] = {"passed": report.passed, "report": artifacts.REPORT_NAME,
                                   "revalidated": datetime.datetime.now(datetime.timezone.utc).isoformat(
                                       timespec="seconds")}
+        manifest["engine"] = _recheck_engines(export_dir, model, manifest.get("engine") or {}, log, rebuild)
         artifacts.write_manifest(export_dir, manifest)
-    return 0 if report.passed else 1
+    return 0 if report.passed and manifest["engine"].get("status") != "failed" else 1
+
+
+def _recheck_engines(export_dir: Path, model: DiT, entry: dict, log, rebuild_command: str) -> dict:
+    """`validate` compares this machine's plans with ONNX Runtime again, where TensorRT runs; the engine entry."""
+    from . import engine
+
+    if entry.get("status") != "built" or engine.tensorrt_unavailable_reason(for_build=False) is not None:
+        return entry
+    plans = [engine.plan_path_for(export_dir, stem) for stem in GRAPH_STEMS.values()]
+    if not any(plan.is_file() for plan in plans):
+        return entry  # built on another GPU or TensorRT version
+    return _compare_engines(export_dir, model, entry, plans, log, rebuild_command)
 
 
 def _read_report(export_dir: Path) -> dict | None:
@@ -342,17 +401,19 @@ def open_export(export_dir: str | Path, config: DiTConfig | None, open_files: li
 
 
 def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_name: str = "",
-                  sample_steps: int | None = None, log=LOG.info) -> tuple[Path, dict]:
+                  sample_steps: int | None = None, engines: bool = True, log=LOG.info) -> tuple[Path, dict]:
     """The validated export of `model` in `export_dir`, as `build` makes it, built there first when there is none.
 
     An existing export is reused whatever options built it; one of another config or other weights, or one
-    that failed validation, is refused with a one-line error, never overwritten.
+    that failed validation, is refused with a one-line error, never overwritten. engines=False builds it
+    without the TensorRT stage (gpu-check builds its own engine).
     """
     export_dir = Path(export_dir)
     cached = (export_dir / artifacts.MANIFEST_NAME).is_file()
     if not cached:
         log(f"{export_dir}: no complete export yet; building it as `python -m ditexport build` would")
-        build_export(model, source, export_dir, model_name=model_name, sample_steps=sample_steps, log=log)
+        build_export(model, source, export_dir, model_name=model_name, sample_steps=sample_steps, engines=engines,
+                     log=log)
     # Each consumer verifies the files it opens, so one damaged graph fails its own bench row, not the bench.
     manifest = open_export(export_dir, model.config, open_files=[], all_sizes=False).manifest
     weights = build_inputs(model.config, source, (), 0, 0)["weights"]
