@@ -112,7 +112,7 @@ def load_session(path: str | Path, providers: list | None = None, threads: int |
         raise OnnxRuntimeError(f"ONNX graph not found: {path}")
     providers = exact_fp32_providers(providers or default_providers(), cuda_index())
     wants_cuda = provider_names(providers)[0] == CUDA
-    preload = _preload_cuda_libraries(ort) if wants_cuda else ""
+    preload = _preload_cuda_libraries() if wants_cuda else ""
     try:
         session = ort.InferenceSession(str(path), session_options(threads, optimization), providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
@@ -136,9 +136,10 @@ def cuda_provider_library() -> Path:
 
 
 @functools.cache
-def _preload_cuda_libraries(ort) -> str:
+def _preload_cuda_libraries() -> str:
     """`onnxruntime.preload_dlls()` (ORT >= 1.21) once per process: loads the CUDA and cuDNN libraries of the
     nvidia-* wheels, which the CUDA provider does not find on its own; returns what it printed (its failures)."""
+    ort = _import_onnxruntime()
     if not hasattr(ort, "preload_dlls"):
         return ""
     printed = io.StringIO()
