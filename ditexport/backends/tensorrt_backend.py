@@ -8,9 +8,12 @@ import torch
 
 from ..errors import UsageError, summary
 from ..engine import EngineError, load_engine, plan_precision, profile_for_batch, tensorrt_unavailable_reason
+from ..logs import get_logger
 from ..model import DiTConfig
 from .base import Backend
-from .cuda_graphs import CapturedForward, fresh_float32, run_ordered
+from .cuda_graphs import CapturedForward, CaptureError, fresh_float32, run_ordered
+
+LOG = get_logger("tensorrt")
 
 # The graphs' input names (the export contract) and the output name.
 XTY_INPUTS = ("x", "t", "y")
@@ -52,9 +55,16 @@ class _BatchContext:
             raise EngineError("TensorRT could not create an execution context (out of GPU memory?)")
         batch = int(feeds[runner.input_names[0]].shape[0])
         profile = profile_for_batch(runner.batch_ranges, batch)
-        # The profile is chosen before any shape is set, and the scratch buffer covers every profile.
-        if not self.context.set_optimization_profile_async(profile, stream):
-            raise EngineError(f"TensorRT refused optimization profile {profile} for batch {batch}")
+        # The profile is chosen before any shape is set, and the scratch buffer covers every profile. The bindings
+        # raise RuntimeError when TensorRT refuses (their `-> bool` always returns True), so both are caught.
+        try:
+            accepted = self.context.set_optimization_profile_async(profile, stream)
+        except RuntimeError as e:
+            raise EngineError(f"TensorRT refused optimization profile {profile} for batch {batch} of "
+                              f"{runner.plan_path.name}: {summary(e)}") from None
+        if not accepted:
+            raise EngineError(f"TensorRT refused optimization profile {profile} for batch {batch} of "
+                              f"{runner.plan_path.name}")
         self.context.set_device_memory(runner.scratch.data_ptr(), runner.scratch.numel())
         self.inputs: dict[str, torch.Tensor] = {}
         for name in runner.input_names:
@@ -74,8 +84,14 @@ class _BatchContext:
         # Real values before the first enqueue: garbage labels would index the embedding out of range.
         for name, x in feeds.items():
             self.inputs[name].copy_(x)
-        self._captured = (CapturedForward(self._enqueue, list(self.inputs.values()), inputs_are_static=True)
-                          if cuda_graph else None)
+        self._captured = None
+        if cuda_graph:
+            try:
+                self._captured = CapturedForward(self._enqueue, list(self.inputs.values()), inputs_are_static=True)
+            except CaptureError as e:
+                # As trtexec does: an engine with operations a CUDA graph cannot hold runs by plain enqueue.
+                LOG.warning(f"warning: {runner.plan_path.name}, batch {batch}: {e}; this batch runs without a CUDA "
+                            "graph")
 
     def _enqueue(self, *static_inputs: torch.Tensor) -> torch.Tensor:
         # The buffers are already bound; the current stream is the runner's stream, or the capture stream.
@@ -120,10 +136,12 @@ class _EngineRunner:
         self.batch_ranges = [(max(p[n][0][0] for n in p), min(p[n][1][0] for n in p), min(p[n][2][0] for n in p))
                              for p in self.profiles]
         self.max_batch = max(hi for _, _, hi in self.batch_ranges)
-        # One activation buffer for every batch context, as large as the largest profile needs.
+        self.stream = torch.cuda.Stream(device)
+        # One activation buffer for every batch context, as large as the largest profile needs. Allocated on the
+        # caller's stream and used on the runner's: recorded there, so its memory is not reused while in use.
         size = max(engine.get_device_memory_size_for_profile_v2(i) for i in range(len(self.profiles)))
         self.scratch = torch.empty(max(int(size), 1), dtype=torch.uint8, device=device)
-        self.stream = torch.cuda.Stream(device)
+        self.scratch.record_stream(self.stream)
         self._contexts: dict[int, _BatchContext] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -151,6 +169,9 @@ class _EngineRunner:
             if self._closed:
                 return
             self._closed = True
+            # A replay or enqueue still queued on the runner's stream uses the contexts, their buffers and the
+            # scratch: it finishes before any of them is freed.
+            self.stream.synchronize()
             self._contexts.clear()
             # Contexts before the engine, the engine before its runtime; the scratch buffer once no context uses it.
             del self.engine, self.runtime, self.scratch
