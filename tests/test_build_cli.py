@@ -248,6 +248,8 @@ class TensorRTHere:
     `compare` stands in for the Polygraphy comparison, the call that fails."""
 
     def __init__(self, monkeypatch):
+        # Imported before the patches: a module importing these names under them would keep the stand-ins.
+        import ditexport.backends.tensorrt_backend  # noqa: F401
         from ditexport import engine
         from ditexport.engine import plans
 
