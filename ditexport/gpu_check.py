@@ -208,7 +208,7 @@ def _measure(row: CheckRow, backend, subject: _Subject, clock: _Clock, steps: in
 
 def _absent(subject: _Subject, path: str) -> str | None:
     """Why this machine lacks `path` (torch eager it always has), found without building anything."""
-    from .bench import absent_reason
+    from .bench.backends import absent_reason
 
     return None if path == "torch-eager" else absent_reason(subject.context, path)
 
