@@ -87,6 +87,12 @@ class Export:
         return bool((self.manifest.get("validation") or {}).get("passed"))
 
     @property
+    def engine(self) -> dict:
+        """The TensorRT stage's entry: status "built" (with "plans" and "parity"), "skipped" or "failed" (with
+        "reason" and the "retry" command); a failed engine stage never fails the ONNX graphs."""
+        return self.manifest.get("engine") or {"status": "skipped", "reason": "not recorded"}
+
+    @property
     def report(self) -> dict:
         """The validation report (report.json) as a dict."""
         try:

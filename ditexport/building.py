@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 from . import artifacts, locking, verification
-from .artifacts import GRAPH_STEMS, ArtifactError, onnx_filename
+from .artifacts import ArtifactError
 from .errors import DitexportError
 from .engine.profile import BatchProfile
+from .engine.stage import add_missing_engines, engine_stage, recheck_engines
 from .export import DEFAULT_OPSET, GRAPHS, PRECISIONS, export_graphs, io_spec
 from .model import DiT, DiTConfig
 from .progress import heartbeat
@@ -141,36 +142,15 @@ def _check_free_space(export_dir: Path, model: DiT, precisions, reclaimed: int =
                             f"{have / 1e6:.1f} MB are free; free some space or pass another --export-dir")
 
 
-def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log, rebuild_command: str | None = None) -> dict:
-    """TensorRT engines from the fp16 graphs (fp32 when fp16 is not built), where TensorRT and a GPU exist."""
-    from . import engine
-
-    reason = engine.tensorrt_unavailable_reason()
-    if reason:
-        log(f"engine: skipped — {reason}")
-        return {"status": "skipped", "reason": reason}
-    precision = "fp16" if "fp16" in precisions else "fp32"
-    plans = {}
-    for graph, stem in GRAPH_STEMS.items():
-        onnx_path = export_dir / onnx_filename(graph, precision)
-        plan_path = engine.plan_path_for(export_dir, stem)
-        start = time.perf_counter()
-        with heartbeat(log, f"engine: building {plan_path.name} from {onnx_path.name}"):
-            meta = engine.build_engine(onnx_path, plan_path, min_batch=profile.min, opt_batch=profile.opt,
-                                       max_batch=profile.max, rebuild_command=rebuild_command)
-        log(f"engine: {plan_path.name} from {onnx_path.name} ({time.perf_counter() - start:.1f} s)")
-        plans[stem] = {"plan": plan_path.name, "onnx": onnx_path.name,
-                       "tensorrt_version": meta.get("tensorrt_version"), "gpu_name": meta.get("gpu_name")}
-    return {"status": "built", "plans": plans}
-
-
 def build_export(model: DiT, source: dict, export_dir: str | Path, settings: BuildSettings = BuildSettings(), *,
                  model_name: str = "", rebuild_command: str | None = None, build_flags: list[str] | None = None,
-                 log=LOG.info) -> bool:
-    """Export -> validate -> engine; returns whether the export passed validation (or was up to date).
+                 engines: bool = True, log=LOG.info) -> bool:
+    """Export -> validate -> engine; returns whether the ONNX graphs passed validation (or were up to date). A failed
+    engine stage keeps the validated ONNX export and discards only its plans: the manifest's engine entry says so.
 
     Holds the export directory's build lock throughout (another build waits, or with settings.wait=False is
-    refused); an up-to-date export is only read, so it may sit on a read-only file system.
+    refused); an up-to-date export is only read, so it may sit on a read-only file system. engines=False leaves the
+    TensorRT stage out (an up-to-date export then gets no missing engines either).
     """
     export_dir = Path(export_dir)
     precisions = settings.precisions
@@ -183,7 +163,7 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, settings: Bui
             return _build_locked(model, source, export_dir, precisions=precisions, max_images=settings.max_images,
                                  opset=settings.opset or DEFAULT_OPSET, force=settings.force,
                                  sample_steps=settings.sample_steps, model_name=model_name, build_flags=build_flags,
-                                 vae_dir=settings.vae, log=log,
+                                 vae_dir=settings.vae, engines=engines, log=log,
                                  rebuild_command=rebuild_command or artifacts.rebuild_command(export_dir, build_flags))
     except BaseException:
         if created:  # a build that made its directory and failed leaves nothing behind
@@ -194,7 +174,8 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, settings: Bui
 
 
 def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max_images: int, opset: int,
-                  force: bool, sample_steps, model_name: str, build_flags, rebuild_command: str, vae_dir, log) -> bool:
+                  force: bool, sample_steps, model_name: str, build_flags, rebuild_command: str, vae_dir,
+                  engines: bool, log) -> bool:
     start = time.perf_counter()
     from .vae import export_vae_graphs, load_fitting_vae
 
@@ -207,9 +188,9 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
             f"{', '.join(sorted(removed))}")
     if not force and (why := up_to_date(export_dir, inputs, log)):
         log(f"{export_dir}: up to date ({why}); use --force to rebuild")
-        if not writable:
+        if not writable or not engines:
             return True  # read-only: nothing is written, not even this machine's engines
-        return _add_missing_engines(export_dir, model, precisions, profile, log, rebuild_command)
+        return add_missing_engines(export_dir, model, precisions, profile, log, rebuild_command)
     artifacts.ensure_writable_dir(export_dir)
     _check_free_space(export_dir, model, precisions, sum(p.stat().st_size for p in _outputs(export_dir)))
     locking.mark_writer(export_dir)
@@ -225,12 +206,11 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
                                           precisions=[p for p in ("fp32", "fp16") if p in precisions], log=log)
             paths.update({(artifacts.VAE_GRAPH, p): path for p, path in vae_paths.items()})
         report = _validate_and_report(export_dir, model, model_name, sample_steps, opset, log, vae)
-        engine = (_engine_stage(export_dir, precisions, profile, log, rebuild_command) if report.passed
-                  else {"status": "skipped", "reason": "validation failed"})
-        if not report.passed:
-            log("engine: skipped — validation failed")
-        elif engine["status"] == "built":
-            _check_engines(export_dir, model, report, log)
+        if report.passed and engines:
+            engine = engine_stage(export_dir, model, precisions, profile, log, rebuild_command)
+        else:
+            engine = {"status": "skipped", "reason": "not asked for" if report.passed else "validation failed"}
+            log(f"engine: skipped — {engine['reason']}")
         files, keys = {}, {}
         with heartbeat(log, "build: hashing the files for the manifest"):
             for path in sorted(paths.values()):
@@ -267,37 +247,10 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
         raise ArtifactError(f"writing the export into {export_dir} failed: {cause}; "
                             "nothing was published as an export") from None
     verification.remember(export_dir, keys)
-    log(f"build: {'done' if report.passed else 'FAILED'} in {manifest['build_seconds']:.1f} s; "
-        f"manifest {export_dir / artifacts.MANIFEST_NAME}")
+    verdict = "FAILED" if not report.passed else "done, without TensorRT engines" if engine["status"] == "failed" \
+        else "done"
+    log(f"build: {verdict} in {manifest['build_seconds']:.1f} s; manifest {export_dir / artifacts.MANIFEST_NAME}")
     return report.passed
-
-
-def _check_engines(export_dir: Path, model: DiT, report, log) -> None:
-    """ONNX Runtime vs the new TensorRT engines (Polygraphy), added to the report written beside them."""
-    from .validate import tensorrt_parity
-
-    report.tensorrt = tensorrt_parity(export_dir, model, log=log)
-    artifacts.atomic_write_json(export_dir / artifacts.REPORT_NAME, report.to_dict())
-    log(report.format())
-
-
-def _add_missing_engines(export_dir: Path, model: DiT, precisions, profile: BatchProfile, log,
-                         rebuild_command: str | None) -> bool:
-    """An export validated where TensorRT was missing gets this machine's engines on its next build here."""
-    from . import engine
-
-    if engine.tensorrt_unavailable_reason() is not None:
-        return True
-    if all(engine.plan_path_for(export_dir, stem).is_file() for stem in ("model", "cond")):
-        return True
-    manifest = artifacts.read_manifest(export_dir)
-    log(f"engine: {export_dir} has no engine for this GPU and TensorRT version; building it")
-    manifest["engine"] = _engine_stage(export_dir, precisions, profile, log, rebuild_command)
-    from .validate import tensorrt_parity
-
-    manifest["engine"]["parity"] = parity = tensorrt_parity(export_dir, model, log=log)
-    artifacts.write_manifest(export_dir, manifest)
-    return bool(parity.get("passed", True))
 
 
 def _validate_and_report(export_dir: Path, model: DiT, model_name: str, sample_steps, opset, log, vae=None):
@@ -348,6 +301,7 @@ def revalidate(export_dir: str | Path, *, sample_steps: int | None = None, rebui
         manifest["validation"] = {"passed": report.passed, "report": artifacts.REPORT_NAME,
                                   "revalidated": datetime.datetime.now(datetime.timezone.utc).isoformat(
                                       timespec="seconds")}
+        manifest["engine"] = recheck_engines(export_dir, model, manifest.get("engine") or {}, log, rebuild)
         artifacts.write_manifest(export_dir, manifest)
     return report.passed
 
@@ -363,17 +317,19 @@ def _read_report(export_dir: Path) -> dict | None:
 
 
 def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_name: str = "",
-                  sample_steps: int | None = None, log=LOG.info) -> tuple[Path, dict]:
+                  sample_steps: int | None = None, engines: bool = True, log=LOG.info) -> tuple[Path, dict]:
     """The validated export of `model` in `export_dir`, as `build` makes it, built there first when there is none.
 
     An existing export is reused whatever options built it; one of another config or other weights, or one
-    that failed validation, is refused with a one-line error, never overwritten.
+    that failed validation, is refused with a one-line error, never overwritten. engines=False builds it
+    without the TensorRT stage (gpu-check builds its own engine).
     """
     export_dir = Path(export_dir)
     cached = (export_dir / artifacts.MANIFEST_NAME).is_file()
     if not cached:
         log(f"{export_dir}: no complete export yet; building it as `python -m ditexport build` would")
         build_export(model, source, export_dir, BuildSettings(sample_steps=sample_steps), model_name=model_name,
+                     engines=engines,
                      log=log)
     # Each consumer verifies the files it opens, so one damaged graph fails its own bench row, not the bench.
     manifest = verification.verify_export(export_dir, [], config=model.config, all_sizes=False).manifest

@@ -3,9 +3,13 @@
 Per model and path (torch fp16 eager, CUDA graph, torch.compile, ONNX Runtime CUDA fp32/fp16 where
 onnxruntime-gpu is installed, TensorRT where it is installed): the relative error against fp32 torch at a
 guided batch of 2, ms per forward at batches 2 and 64, and one guided 250-step sample (seconds, finite).
-Each row is isolated (a failure is its row, with the one-line reason) and capped in time, and the whole run
-has a budget, so the check ends in about 8 minutes whatever happens. The row code is device-agnostic:
-the test suite runs it on the CPU with the paths a CPU has.
+
+Set-up comes first and outside the time budget: each model, its fp32 reference and its ONNX export (built
+once, without TensorRT engines: the tensorrt row builds the one engine it runs). Then the plan is printed,
+every row with its time, and the rows run within the budget: each isolated (a failure is its row, with the
+one-line reason) and capped in time. A path this machine lacks is skipped; a path it has that did not run
+makes the verdict INCOMPLETE, never PASSED. The row code is device-agnostic: the test suite runs it on the CPU
+with the paths a CPU has.
 """
 from __future__ import annotations
 
@@ -34,12 +38,15 @@ MODELS = ("digits", "DiT-XL/2")                   # DiT-XL/2 at 256 px, random w
 # Cheapest first: the long set-ups (an engine build, a compile) come last, when the budget still allows them.
 PATHS = ("torch-eager", "torch-cuda-graph", "onnxruntime-fp32", "onnxruntime-fp16", "tensorrt", "torch-compile")
 TIMED_BATCHES = (2, 64)                           # guided forward batches (2 rows per image)
-BUDGET_S = 450.0                                  # whole run: 7.5 min, leaving room for start-up in the 8
+BUDGET_S = 450.0                                  # the rows, after set-up (the exports are made before it)
 ROW_CAP_S = {"small": 60.0, "large": 120.0}       # one path on one model, after its backend is made
-# Time a row needs left before it starts; estimates, not measurements (no GPU was at hand): exporting and
-# building the XL engine, exporting XL for ONNX Runtime and compiling XL are the long ones.
-START_NEED_S = {("tensorrt", "large"): 240.0, ("torch-compile", "large"): 120.0,
-                ("onnxruntime-fp32", "large"): 90.0, ("onnxruntime-fp16", "large"): 90.0}
+BUILDER_LEVEL = 2                                 # the check's TensorRT engines: level 2 to fit the budget
+# Time a row needs left before it starts, for making its backend; estimates, not measurements (no GPU was at
+# hand): building the XL engine (level 2) and compiling XL are the long ones, then opening the XL graphs.
+START_NEED_S = {("tensorrt", "large"): 240.0, ("torch-compile", "large"): 120.0, ("tensorrt", "small"): 60.0,
+                ("onnxruntime-fp32", "large"): 60.0, ("onnxruntime-fp16", "large"): 60.0}
+START_NEED_DEFAULT_S = 10.0
+INCOMPLETE_EXIT = 3                               # a path this machine has did not run (1: a row failed)
 
 
 @dataclass
@@ -54,7 +61,8 @@ class CheckRow:
     sample_s: float | None = None
     sample_finite: bool | None = None
     seconds: float = 0.0
-    skipped: str | None = None
+    skipped: str | None = None                    # a path this machine lacks
+    not_run: str | None = None                    # a path it has that did not run (the budget)
     error: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -64,6 +72,8 @@ class CheckRow:
             return "FAILED"
         if self.skipped:
             return "skipped"
+        if self.not_run:
+            return "INCOMPLETE"
         within = self.rel_err is not None and self.tolerance is not None and self.rel_err <= self.tolerance
         return "ok" if within and self.sample_finite is not False else "FAILED"
 
@@ -120,8 +130,9 @@ def _subject(name: str, device: torch.device, out_dir: Path, level: int, log) ->
         from .building import ensure_export
         from .source import ModelSource
 
-        return ensure_export(model, ModelSource.resolve(name).to_manifest(), out_dir / slug, model_name=name, sample_steps=0,
-                             log=lambda m: log(f"  {m.strip()}"))[0]
+        # No engines: the tensorrt row builds the one it runs, at the check's level, with a profile per timed batch.
+        return ensure_export(model, ModelSource.resolve(name).to_manifest(), out_dir / slug, model_name=name,
+                             sample_steps=0, engines=False, log=lambda m: log(f"  {m.strip()}"))[0]
 
     context = BenchContext(model, device, settings, max(TIMED_BATCHES), out_dir / f"{slug}-bench-engine",
                            lambda m: log(f"  {m.strip()}"), export)
@@ -195,19 +206,48 @@ def _measure(row: CheckRow, backend, subject: _Subject, clock: _Clock, steps: in
     row.sample_s, row.sample_finite = _sample(backend, subject, steps, device)
 
 
+def _absent(subject: _Subject, path: str) -> str | None:
+    """Why this machine lacks `path` (torch eager it always has), found without building anything."""
+    from .bench.backends import absent_reason
+
+    return None if path == "torch-eager" else absent_reason(subject.context, path)
+
+
+def _start_need(path: str, size: str) -> float:
+    return START_NEED_S.get((path, size), START_NEED_DEFAULT_S)
+
+
+def plan_lines(subjects: dict[str, _Subject | Exception], paths, budget_s: float) -> list[str]:
+    """What the check will run, printed before it starts: each row with its time, or why it will not run."""
+    lines = [f"plan: {len(subjects) * len(paths)} rows in this order, within a budget of {budget_s:.0f} s; a row "
+             "starts only with its set-up time left in the budget, and measures for at most its cap:"]
+    for name, s in subjects.items():
+        for path in paths:
+            absent = None if isinstance(s, Exception) else _absent(s, path)
+            what = ("FAILED: the model could not be set up" if isinstance(s, Exception) else f"skipped: {absent}"
+                    if absent else f"set-up up to {_start_need(path, s.size):.0f} s, then measured for up to "
+                    f"{ROW_CAP_S[s.size]:.0f} s")
+            lines.append(f"  {name:<9} {path:<17} {what}")
+    return lines
+
+
 def check_row(subject: _Subject, path: str, device: torch.device, deadline: float, steps: int) -> CheckRow:
-    """One path on one model, isolated: a Skip is a skipped row, any failure a FAILED row with its reason."""
+    """One path on one model, isolated: a path this machine lacks is skipped, one that cannot start before the
+    deadline is INCOMPLETE, any failure a FAILED row with its reason."""
     from .bench import Skip
 
     row = CheckRow(subject.name, path)
     start = time.perf_counter()
-    need = START_NEED_S.get((path, subject.size), 10.0)
+    row.skipped = _absent(subject, path)
+    if row.skipped:
+        return row
+    need = _start_need(path, subject.size)
     if deadline - start < need:
-        row.skipped = f"not started: the run's time budget has under {need:.0f} s left"
+        row.not_run = f"not started: the run's time budget has under {need:.0f} s left"
         return row
     backend = None
     try:
-        backend = _make_backend(subject, path, device)  # exports and builds what it needs, uncapped
+        backend = _make_backend(subject, path, device)  # the tensorrt row builds its engine here, uncapped
         _measure(row, backend, subject, _Clock(deadline, ROW_CAP_S[subject.size]), steps, device)
     except Skip as e:
         row.skipped = str(e)
@@ -225,26 +265,56 @@ def check_row(subject: _Subject, path: str, device: torch.device, deadline: floa
 
 
 def run_rows(device: torch.device | str = "cuda", *, models=MODELS, paths=PATHS, out_dir: str | Path = "exports/gpu-check",
-             budget_s: float = BUDGET_S, sample_steps: int = 250, builder_optimization_level: int = 2,
+             budget_s: float = BUDGET_S, sample_steps: int = 250, builder_optimization_level: int = BUILDER_LEVEL,
              log=LOG.info) -> list[CheckRow]:
-    """Every path on every model within `budget_s`; rows that cannot start in time say so."""
+    """Every path on every model: set-up (models, references, exports) first, then the plan, then the rows
+    within `budget_s`."""
     device = torch.device(device)
+    subjects: dict[str, _Subject | Exception] = {}
+    for name in models:
+        start = time.perf_counter()
+        log(f"{name}: set-up (model, fp32 reference, ONNX export), outside the time budget")
+        try:
+            subject = subjects[name] = _subject(name, device, Path(out_dir), builder_optimization_level, log)
+        except Exception as e:  # e.g. out of memory for the fp32 reference: the model's rows say so
+            subjects[name] = e
+            log(f"  FAILED — {summary(e)}")
+            continue
+        if any(path.startswith("onnxruntime") or path == "tensorrt" for path in paths
+               if _absent(subject, path) is None):
+            try:
+                subject.context.export_dir()  # built once; a failure is remembered and fails the rows that need it
+            except Exception as e:
+                log(f"  export FAILED — {summary(e)}; the rows that run it fail with this")
+        log(f"  set up in {time.perf_counter() - start:.1f} s")
+    for line in plan_lines(subjects, paths, budget_s):
+        log(line)
     deadline = time.perf_counter() + budget_s
     rows = []
     for name in models:
         log(f"{name}:")
-        try:
-            subject = _subject(name, device, Path(out_dir), builder_optimization_level, log)
-        except Exception as e:  # e.g. out of memory for the fp32 reference: the model's rows say so
-            rows += [CheckRow(name, path, error=f"the model could not be set up: {summary(e)}") for path in paths]
+        subject = subjects.pop(name)
+        if isinstance(subject, Exception):
+            rows += [CheckRow(name, path, error=f"the model could not be set up: {summary(subject)}") for path in paths]
             continue
         for path in paths:
             row = check_row(subject, path, device, deadline, sample_steps)
-            log(f"  {path}: {row.status}{' — ' + (row.error or row.skipped or '') if row.status != 'ok' else ''}"
+            reason = row.error or row.skipped or row.not_run
+            log(f"  {path}: {row.status}{' — ' + reason if row.status != 'ok' and reason else ''}"
                 f" ({row.seconds:.1f} s)")
             rows.append(row)
         del subject
     return rows
+
+
+def verdict(rows: list[CheckRow]) -> tuple[str, int]:
+    """The last line of the table and the exit code: FAILED (1) when a row failed, INCOMPLETE (3) when a path
+    this machine has did not run, PASSED (0) otherwise."""
+    count = {status: sum(r.status == status for r in rows) for status in ("ok", "FAILED", "INCOMPLETE", "skipped")}
+    word, code = (("FAILED", 1) if count["FAILED"] else ("INCOMPLETE", INCOMPLETE_EXIT) if count["INCOMPLETE"]
+                  else ("PASSED", 0))
+    return (f"{word}: {count['ok']} ok, {count['FAILED']} failed, {count['INCOMPLETE']} not run, "
+            f"{count['skipped']} skipped"), code
 
 
 def format_table(rows: list[CheckRow], steps: int = 250) -> str:
@@ -256,15 +326,13 @@ def format_table(rows: list[CheckRow], steps: int = 250) -> str:
              f"{f'sample {steps}':>11} {'s':>6}  status"]
     for r in rows:
         sample = "-" if r.sample_s is None else f"{r.sample_s:.2f} s" + ("" if r.sample_finite else " NaN")
-        status = r.status + (f": {r.error or r.skipped}" if r.status != "ok" and (r.error or r.skipped) else "")
+        reason = r.error or r.skipped or r.not_run
+        status = r.status + (f": {reason}" if r.status != "ok" and reason else "")
         notes = f" [{'; '.join(r.notes)}]" if r.notes else ""
         lines.append(f"{r.model:<9} {r.path:<17} {r.precision:<4} {num(r.rel_err, '.1e'):>8} "
                      f"{num(r.tolerance, '.0e'):>6} {num(r.ms.get(2), '.3f'):>8} {num(r.ms.get(64), '.3f'):>8} "
                      f"{sample:>11} {r.seconds:>6.1f}  {status}{notes}")
-    failed = [r for r in rows if r.status == "FAILED"]
-    ok = sum(r.status == "ok" for r in rows)
-    lines.append(f"{'FAILED' if failed else 'PASSED'}: {ok} ok, {len(failed)} failed, "
-                 f"{sum(r.status == 'skipped' for r in rows)} skipped")
+    lines.append(verdict(rows)[0])
     return "\n".join(lines)
 
 
@@ -284,8 +352,9 @@ def environment_line(device: torch.device) -> str:
 
 
 def gpu_check(out_dir: str | Path = "exports/gpu-check", *, models=MODELS, budget_s: float = BUDGET_S,
-              builder_optimization_level: int = 2, log=LOG.info) -> int:
-    """The `gpu-check` command: the rows, a JSON beside the exports, the table last; 0 when every row passed."""
+              builder_optimization_level: int = BUILDER_LEVEL, log=LOG.info) -> int:
+    """The `gpu-check` command: the plan, the rows, a JSON beside the exports, the table last; the exit code
+    of `verdict`."""
     from .artifacts import atomic_write_json
 
     from .model import DIT_CONFIGS
@@ -298,14 +367,15 @@ def gpu_check(out_dir: str | Path = "exports/gpu-check", *, models=MODELS, budge
                              f"such as DiT-XL/2")
     device = torch.device("cuda", torch.cuda.current_device())
     heading = environment_line(device)
-    log(f"gpu-check on {heading}; budget {budget_s:.0f} s")
+    log(f"gpu-check on {heading}; a budget of {budget_s:.0f} s for the rows, after set-up")
     start = time.perf_counter()
     rows = run_rows(device, models=models, out_dir=out_dir, budget_s=budget_s,
                     builder_optimization_level=builder_optimization_level, log=log)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    line, code = verdict(rows)
     path = atomic_write_json(Path(out_dir) / "gpu-check.json",
-                             {"environment": heading, "seconds": time.perf_counter() - start,
+                             {"environment": heading, "seconds": time.perf_counter() - start, "verdict": line,
                               "rows": [{**asdict(r), "status": r.status} for r in rows]})
     log(f"\nwrote {path}; {time.perf_counter() - start:.0f} s in all\n\n{heading}")
     log(format_table(rows))
-    return 1 if any(r.status == "FAILED" for r in rows) else 0
+    return code

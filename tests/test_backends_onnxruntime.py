@@ -135,7 +135,10 @@ def test_cuda_provider_with_io_binding_matches_the_cpu(tmp_path):
         gpu = OnnxRuntimeBackend(paths[("xty", precision)], model.config,
                                  cond_path=paths[("cond", precision)])
         assert gpu.device.type == "cuda" and gpu.providers[0] == "CUDAExecutionProvider"
-        assert gpu.session.get_provider_options()[CUDA]["use_tf32"] == "0"
+        options = gpu.session.get_provider_options()[CUDA]
+        assert options["use_tf32"] == "0"
+        # ORT computes on the backend's own torch stream, ordered with the caller's on the device (issue 21).
+        assert gpu.stream is not None and options["user_compute_stream"] == str(gpu.stream.cuda_stream) != "0"
         x, t, y = (v.to(gpu.device) for v in (feed["x"], feed["t"], feed["y"]))
         out = gpu(x, t, y)
         assert out.device == gpu.device  # bound in place: no trip through the host
@@ -143,3 +146,40 @@ def test_cuda_provider_with_io_binding_matches_the_cpu(tmp_path):
         with torch.no_grad():
             c = model.embed_condition(feed["t"], feed["y"]).to(gpu.device)
         assert relative_error(gpu.with_condition(x, c).cpu(), out.cpu())[0] < 1e-3
+
+
+# ----------------------------------------------------- a CUDA session that fell back to the CPU (issue 21, defect 3)
+
+def test_a_cuda_session_that_fell_back_to_the_cpu_is_refused_naming_the_cause(exported, monkeypatch):
+    """Asked for CUDA, ONNX Runtime creates the session on the CPU with only a warning (here for real: this
+    onnxruntime has no CUDA provider); before issue 21 the backend then quietly ran on the CPU."""
+    import onnxruntime
+
+    from ditexport.backends import onnxruntime_backend
+
+    model, xty, cond = exported
+    preloads = []
+    preload = onnxruntime.preload_dlls
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda *a, **k: (preloads.append(1), preload(*a, **k))[1])
+    onnxruntime_backend._preload_cuda_libraries.cache_clear()
+    with pytest.raises(OnnxRuntimeError) as info:
+        OnnxRuntimeBackend(xty, model.config, cond_path=cond, providers=[CUDA, CPU])
+    message = str(info.value)
+    assert "\n" not in message and preloads == [1]  # onnxruntime.preload_dlls() ran before the session
+    assert message.startswith(f"ONNX Runtime {onnxruntime.__version__} was asked for its CUDA provider but fell back "
+                              "to CPUExecutionProvider for model.onnx: ")
+    assert message.endswith(f"onnxruntime {onnxruntime.__version__} here has no CUDA provider (the CPU build): "
+                            "pip uninstall onnxruntime && pip install onnxruntime-gpu")
+    # onnxruntime-gpu lists CUDA among its available providers even when its provider library cannot load (cuDNN
+    # or cuBLAS missing): the loader's own error is the cause named.
+    broken = exported[1].parent / "libonnxruntime_providers_cuda.so"
+    broken.write_bytes(b"\x7fELF" + bytes(60))  # a library the dynamic loader refuses
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(onnxruntime_backend, "cuda_provider_library", lambda: broken)
+    with pytest.raises(OnnxRuntimeError) as info:
+        OnnxRuntimeBackend(xty, model.config, providers=[CUDA])
+    message = str(info.value)
+    assert "fell back to CPUExecutionProvider for model.onnx: its CUDA provider library does not load: " in message
+    assert str(broken) in message and "pip install 'onnxruntime-gpu[cuda,cudnn]'" in message and "\n" not in message
+    # Asked for the CPU, nothing changes.
+    assert OnnxRuntimeBackend(xty, model.config, providers=[CPU]).device == torch.device("cpu")

@@ -157,7 +157,7 @@ def test_plan_for_another_tensorrt_version_is_refused(tiny_engines, tmp_path):
     meta = json.loads(metadata_path(paths["plan"]).read_text())
     meta["tensorrt_version"] = "9.0.0"
     metadata_path(plan).write_text(json.dumps(meta))
-    with pytest.raises(EngineError, match="python -m ditexport build --force"):
+    with pytest.raises(EngineError, match="python -m ditexport build"):
         TensorRTBackend(plan, model.config)
 
 

@@ -217,3 +217,29 @@ def test_graphed_sample_matches_eager_fp32_sample():
     a = sampler.sample(reference, labels, seed=3, input_size=cfg.input_size, device="cuda")
     b = sampler.sample(graphed, labels, seed=3, input_size=cfg.input_size, device="cuda")
     assert torch.isfinite(b).all() and rel_err(b, a) < 2e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_failed_capture_names_the_forwards_own_error():
+    """A forward that fails under capture (as TensorRT's enqueue returns False): the CaptureError carries its
+    message, not only torch's "capture invalidated" (issue 21), and the caller may run it without a graph."""
+    from ditexport.backends.cuda_graphs import CapturedForward, CaptureError
+
+    calls = []
+
+    def forward(x):
+        calls.append(torch.cuda.is_current_stream_capturing())
+        if calls[-1]:
+            try:
+                torch.cuda.synchronize()  # illegal while capturing: the capture is invalidated, as TensorRT's can be
+            except RuntimeError:
+                pass
+            raise RuntimeError("the enqueue failed (see its log above)")
+        return x * 2
+
+    x = torch.ones(4, device="cuda")
+    with pytest.raises(CaptureError, match="CUDA graph capture failed: RuntimeError: the enqueue failed"):
+        CapturedForward(forward, [x])
+    assert calls == [False, False, True]  # two warm-up runs, then the capture
+    assert torch.equal(forward(x), x * 2)  # the stream is usable afterwards: the plain call runs

@@ -234,3 +234,136 @@ def test_build_with_no_model_builds_the_builtin_digits_end_to_end(tmp_path, caps
     report = json.loads((tmp_path / "exports" / "digits" / "report.json").read_text())
     assert [s["class_agreement"] for s in report["samples"]] == [1.0, 1.0]
     assert "engine: skipped —" in text and text.rstrip().splitlines()[-1].startswith("build: done")
+
+
+# ------------------------------------------------------------------ the engine stage (issue 21, defect 1)
+
+ENGINE_BUILD = ["--model", "DiT-tiny/2", "--precision", "fp32", "--sample-steps", "0", "--max-batch", "2"]
+H100 = {"tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+class TensorRTHere:
+    """TensorRT and a GPU as the build sees them, on a machine with neither: the availability check passes, the
+    engine build writes plan bytes with their real metadata (the bytes stand in for TensorRT's output), and
+    `compare` stands in for the Polygraphy comparison, the call that fails."""
+
+    def __init__(self, monkeypatch):
+        # Imported before the patches: a module importing these names under them would keep the stand-ins.
+        import ditexport.backends.tensorrt_backend  # noqa: F401
+        from ditexport import engine
+        from ditexport.engine import plans
+
+        self.compared = []
+        self.compare = self.agreeing
+        monkeypatch.setattr(engine, "tensorrt_unavailable_reason", lambda for_build=True: None)
+        for module in (engine, plans):
+            monkeypatch.setattr(module, "current_environment", lambda device=None: dict(H100))
+        monkeypatch.setattr(engine, "build_engine", self.build_engine)
+        monkeypatch.setattr(engine, "compare_with_onnxruntime",
+                            lambda onnx_path, plan_path, feeds, tolerance: self.compare(plan_path, feeds, tolerance))
+
+    @staticmethod
+    def build_engine(onnx_path, plan_path, *, min_batch, opt_batch, max_batch, rebuild_command=None, **_):
+        from ditexport.artifacts import atomic_write_json
+        from ditexport.engine import engine_metadata, metadata_path
+
+        plan_bytes = b"plan of " + onnx_path.read_bytes()[:64]
+        meta = engine_metadata(plan_path=plan_path, plan_bytes=plan_bytes, onnx_path=onnx_path, environment=H100,
+                               profile={}, batch=(min_batch, opt_batch, max_batch), builder_optimization_level=3,
+                               build_seconds=0.0, timing_cache_path=None, rebuild_command=rebuild_command)
+        plan_path.write_bytes(plan_bytes)
+        atomic_write_json(metadata_path(plan_path), meta)
+        return meta
+
+    def rows(self, plan_path, feeds, tolerance, rel_err):
+        self.compared.append(plan_path.name)
+        return [{"iteration": i, "output": "out", "batch": int(next(iter(feed.values())).shape[0]), "rel_err": rel_err,
+                 "max_abs": 10 * rel_err, "finite": True, "passed": rel_err <= tolerance}
+                for i, feed in enumerate(feeds)]
+
+    def agreeing(self, plan_path, feeds, tolerance):
+        return self.rows(plan_path, feeds, tolerance, 2e-7)
+
+
+@pytest.fixture
+def tensorrt_here(monkeypatch):
+    return TensorRTHere(monkeypatch)
+
+
+def engine_failed_line(text: str) -> str:
+    (line,) = [line for line in text.splitlines() if line.startswith("engine: FAILED")]
+    return line
+
+
+def assert_onnx_export_intact(out):
+    """The ONNX verdict stands: the manifest and report say PASSED, and ONNX Runtime opens and runs the graph."""
+    from ditexport.backends.open import open_backend
+    from ditexport.bench import forward_inputs
+
+    manifest = read_manifest(out)
+    report = json.loads((out / "report.json").read_text())
+    assert manifest["validation"]["passed"] is True and report["passed"] is True and "tensorrt" not in report
+    assert not list(out.glob("*.plan")) and not list(out.glob("*.plan.json"))  # the failed plans are discarded
+    with open_backend("onnxruntime", "fp32", export_dir=out, device="cpu") as backend:
+        assert torch.isfinite(backend(*forward_inputs(backend.config, 2, True, torch.device("cpu")))).all()
+    return manifest
+
+
+@pytest.mark.slow
+def test_a_tensorrt_comparison_that_cannot_run_costs_the_plans_not_the_export(tensorrt_here, tmp_path, capsys):
+    """Polygraphy's TrtRunner cannot start (e.g. it finds no libcudart with pip-only CUDA): before issue 21 the
+    build aborted and deleted the directory it had created."""
+    from ditexport.backends.open import _open_tensorrt
+    from ditexport.engine import EngineError
+
+    def cannot_start(plan_path, feeds, tolerance):
+        raise EngineError(f"Polygraphy could not compare {plan_path.name} with ONNX Runtime: OSError: libcudart.so: "
+                          "cannot open shared object file: No such file or directory")
+
+    tensorrt_here.compare = cannot_start
+    out = tmp_path / "tiny"
+    code, text, _ = build(capsys, *ENGINE_BUILD, "--out", str(out))
+    assert code == 1
+    manifest = assert_onnx_export_intact(out)
+    engine = manifest["engine"]
+    assert engine["status"] == "failed" and "parity" not in engine
+    assert engine["reason"].startswith("comparing the engines with ONNX Runtime failed: EngineError: Polygraphy")
+    assert "libcudart.so" in engine["reason"]
+    line, retry = engine_failed_line(text), engine["retry"]
+    assert retry == f"python -m ditexport build --model DiT-tiny/2 --precision fp32 --max-batch 2 --export-dir {out}"
+    assert engine["reason"] in line and line.endswith(f"retry the engines with: {retry}")
+    assert "build: done, without TensorRT engines" in text
+    # The tensorrt backend says why the export has no engine, and how to retry.
+    with pytest.raises(EngineError, match="the last engine build of this export failed: comparing the engines"):
+        _open_tensorrt(out, None, torch.device("cuda"), None, None)
+    # The retry: the plain build command builds only the engines (the export is up to date) and records them.
+    tensorrt_here.compare = tensorrt_here.agreeing
+    code, text, _ = build(capsys, *retry.split()[4:])
+    assert code == 0 and "up to date" in text and "export: model.onnx" not in text
+    engine = read_manifest(out)["engine"]
+    assert engine["status"] == "built" and engine["parity"]["passed"] is True
+    assert sorted(p.name for p in out.glob("*.plan")) == ["cond.nvidia-h100-80gb-hbm3.trt10.13.0.35.plan",
+                                                          "model.nvidia-h100-80gb-hbm3.trt10.13.0.35.plan"]
+
+
+@pytest.mark.slow
+def test_engines_that_disagree_with_onnxruntime_are_discarded_and_the_export_stays_valid(tensorrt_here, tmp_path,
+                                                                                         capsys):
+    """A TensorRT mismatch: before issue 21 it made the ONNX validation fail, so every consumer refused the export."""
+    from ditexport.build import ensure_export
+    from ditexport.model import create_model
+
+    tensorrt_here.compare = lambda plan_path, feeds, tolerance: tensorrt_here.rows(plan_path, feeds, tolerance, 2.4e-2)
+    out = tmp_path / "tiny"
+    code, text, _ = build(capsys, *ENGINE_BUILD, "--out", str(out))
+    assert code == 1 and tensorrt_here.compared == ["model.nvidia-h100-80gb-hbm3.trt10.13.0.35.plan",
+                                                    "cond.nvidia-h100-80gb-hbm3.trt10.13.0.35.plan"]
+    manifest = assert_onnx_export_intact(out)
+    engine = manifest["engine"]
+    assert engine["status"] == "failed" and engine["parity"]["passed"] is False
+    assert len(engine["parity"]["rows"]) == 4  # 2 plans x batches 1 and 2 (5 is above the profile's max, 4)
+    assert engine["reason"].startswith("4 of 4 TensorRT-vs-ONNX Runtime comparisons are outside the tolerance")
+    assert "rel err 2.40e-02 (tolerance 1e-05)" in engine_failed_line(text)
+    # Every consumer still takes the ONNX export (bench and gpu-check go through ensure_export).
+    model = create_model("DiT-tiny/2", seed=0)
+    assert ensure_export(model, manifest["source"], out, log=lambda m: None)[0] == out

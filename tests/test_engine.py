@@ -1,11 +1,12 @@
 """TensorRT engines: profile, naming, metadata, compatibility and integrity checks on CPU; the build on a GPU."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from ditexport.artifacts import atomic_write_json
-from ditexport.engine import (REBUILD_COMMAND, EngineError, batch_profiles, build_engine, check_engine_compatibility,
+from ditexport.engine import (EngineError, batch_profiles, build_engine, check_engine_compatibility,
                               check_onnx_unchanged, engine_metadata, engine_profile, find_plan, load_engine,
                               metadata_path, onnx_input_shapes, onnx_precision, plan_bytes_from_onnx,
                               plan_filename, plan_precision, profile_for_batch, profile_shapes,
@@ -108,34 +109,39 @@ def test_plan_names_carry_gpu_and_tensorrt_version():
 
 # ------------------------------------------------------------------------------------ compatibility
 
+PLAN = Path("exports/digits/model.nvidia-h100-80gb-hbm3.trt10.13.0.35.plan")
+# A plan whose build recorded no command is rebuilt by its export directory's command (artifacts.rebuild_command).
+REBUILD = "python -m ditexport build --export-dir exports/digits --force"
+
+
 def test_same_machine_is_compatible():
-    assert check_engine_compatibility(dict(H100), dict(H100)) == []
+    assert check_engine_compatibility(dict(H100), dict(H100), PLAN) == []
 
 
 def test_other_tensorrt_version_is_refused_with_the_rebuild_command():
     with pytest.raises(EngineError) as info:
-        check_engine_compatibility(dict(H100), {**H100, "tensorrt_version": "10.14.1.48"})
+        check_engine_compatibility(dict(H100), {**H100, "tensorrt_version": "10.14.1.48"}, PLAN)
     message = str(info.value)
-    assert "10.13.0.35" in message and "10.14.1.48" in message and REBUILD_COMMAND in message
+    assert "10.13.0.35" in message and "10.14.1.48" in message and REBUILD in message
 
 
 def test_other_architecture_is_refused():
     a100 = {"tensorrt_version": "10.13.0.35", "gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
     with pytest.raises(EngineError, match="architecture") as info:
-        check_engine_compatibility(dict(H100), a100)
+        check_engine_compatibility(dict(H100), a100, PLAN)
     assert "A100" in str(info.value) and "H100" in str(info.value)
 
 
 def test_same_architecture_other_model_only_warns():
     h100_pcie = {**H100, "gpu_name": "NVIDIA H100 PCIe"}
-    warnings = check_engine_compatibility(dict(H100), h100_pcie)
+    warnings = check_engine_compatibility(dict(H100), h100_pcie, PLAN)
     assert len(warnings) == 1 and "H100 PCIe" in warnings[0]
 
 
 def test_recorded_rebuild_command_is_the_one_suggested():
     meta = {**H100, "rebuild_command": "python -m ditexport build --force --model DiT-XL/2"}
     with pytest.raises(EngineError, match="--model DiT-XL/2"):
-        check_engine_compatibility(meta, {**H100, "tensorrt_version": "11.0.0"})
+        check_engine_compatibility(meta, {**H100, "tensorrt_version": "11.0.0"}, PLAN)
 
 
 # ------------------------------------------------------------------------------------ files and integrity
@@ -180,7 +186,7 @@ def test_truncated_plan_is_refused(tmp_path, tiny_fp16_onnx):
     plan.write_bytes(b"x" * 600)
     with pytest.raises(EngineError, match="corrupt: 600 bytes") as info:
         verify_plan_file(plan, read_engine_metadata(plan))
-    assert REBUILD_COMMAND in str(info.value)
+    assert f"python -m ditexport build --export-dir {tmp_path} --force" in str(info.value)
 
 
 def test_altered_plan_of_the_same_size_is_refused(tmp_path, tiny_fp16_onnx):

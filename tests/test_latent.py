@@ -94,3 +94,33 @@ def test_validation_reloads_the_recorded_vae_and_refuses_a_changed_one(latent_ex
     tiny_vae(1).save_pretrained(tmp_path / "copy" / "vae")  # other weights under the recorded path
     code = main(["validate", "--export-dir", str(tmp_path / "copy" / "export"), "--sample-steps", "2", "-q"])
     assert code == 2 and "changed since this export" in capsys.readouterr().err
+
+
+def test_the_engine_stage_builds_and_compares_the_decoders_plan_beside_the_dits(tmp_path, monkeypatch, capsys):
+    """Where TensorRT and a GPU exist, the VAE decoder gets its plan in the same stage, profiled on images (not the
+    DiT's doubled rows), and is compared with ONNX Runtime on latents like the DiT's plans. TensorRT's build and the
+    Polygraphy comparison are stood in for (tests/test_build_cli.py's TensorRTHere); the stage is the real one."""
+    from test_build_cli import TensorRTHere
+
+    trt = TensorRTHere(monkeypatch)
+    seen = {}
+
+    def compare(plan, feeds, tolerance):
+        seen[plan.name] = feeds
+        return trt.agreeing(plan, feeds, tolerance)
+
+    trt.compare = compare
+    tiny_vae(0).save_pretrained(tmp_path / "vae")
+    code = main(["build", "--model", "DiT-tiny/2", "--vae", str(tmp_path / "vae"), "--precision", "fp32",
+                 "--max-batch", "3", "--sample-steps", "0", "--export-dir", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr()
+    engine = ditexport.open_export(tmp_path / "out").engine
+    assert engine["status"] == "built" and sorted(engine["plans"]) == ["cond", "model", "vae"]
+    assert engine["plans"]["vae"]["onnx"] == "vae.onnx" and engine["parity"]["passed"]
+    from ditexport.engine import read_engine_metadata
+
+    vae_plan = tmp_path / "out" / engine["plans"]["vae"]["plan"]
+    assert read_engine_metadata(vae_plan)["batch"] == {"min": 1, "opt": 3, "max": 3}  # 3 images, not 6 rows
+    # The validation batches (1, 2, 5) that the 1..3-image profile takes, as latents of the DiT's samples.
+    assert [{k: v.shape for k, v in f.items()} for f in seen[vae_plan.name]] == [{"latents": (1, 4, 8, 8)},
+                                                                                 {"latents": (2, 4, 8, 8)}]

@@ -9,6 +9,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import summary
+
+
+class CaptureError(RuntimeError):
+    """The forward ran, but capturing it in a CUDA graph failed; the message is the forward's own error (e.g.
+    TensorRT's enqueue), not only the capture's. Callers may fall back to running without a graph."""
+
 
 def fresh_float32(t: torch.Tensor) -> torch.Tensor:
     """A float32 copy that the next replay cannot overwrite (`.float()` alone aliases a float32 tensor)."""
@@ -55,11 +62,22 @@ class CapturedForward:
                 for _ in range(warmup):
                     fn(*self.static_inputs)
             self.graph = torch.cuda.CUDAGraph()
-            # An explicit capture stream: torch's default one is created once, on whichever GPU was current.
-            # thread_local: another thread (a demo's other request) using CUDA meanwhile must not void the capture.
-            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
-                self.static_outputs = fn(*self.static_inputs)
-            torch.cuda.current_stream(device).wait_stream(side)
+            failed: Exception | None = None  # what the forward raised under capture
+            try:
+                # An explicit capture stream: torch's default one is created once, on whichever GPU was current.
+                # thread_local: another thread (a demo's other request) using CUDA meanwhile must not void it.
+                with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+                    try:
+                        self.static_outputs = fn(*self.static_inputs)
+                    except Exception as e:
+                        failed = e
+                        raise
+            except Exception as e:
+                # Ending a capture that the forward broke raises torch's own error, which would hide the cause.
+                cause = failed or e
+                raise CaptureError(f"CUDA graph capture failed: {summary(cause)}") from cause
+            finally:
+                torch.cuda.current_stream(device).wait_stream(side)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for static, x in zip(self.static_inputs, inputs):

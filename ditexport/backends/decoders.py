@@ -19,12 +19,13 @@ class VaeDecoder:
 
     def __init__(self, path: str | Path, device="cpu", dtype=torch.float32):
         try:
-            from diffusers import AutoencoderKL
+            from diffusers import AutoencoderKL  # pyright: ignore[reportPrivateImportUsage]  (diffusers' public name)
         except ImportError:
             raise DitexportError("the VAE decoder needs diffusers: pip install 'ditexport[vae]'") from None
         if not Path(path).is_dir():
             raise FileNotFoundError(f"VAE directory not found: {path}")
-        self.vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True).to(device=device, dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+        self.vae = vae.to(device=device, dtype=dtype)  # pyright: ignore[reportCallIssue]  (diffusers' own typing)
         self.vae.eval()
         self.dtype = dtype
 
@@ -71,6 +72,30 @@ class OnnxRuntimeDecoder:
         self.__dict__.pop("session", None)
 
 
+class TensorRTDecoder:
+    """The export's VAE decoder plan (built by the engine stage beside the DiT's) on TensorRT; float32 latents in,
+    float32 images out on the GPU, batches above the plan's profile split."""
+
+    name = "vae (tensorrt)"
+
+    def __init__(self, plan_path: str | Path, *, device: torch.device, cuda_graph: bool = True):
+        from .tensorrt_backend import open_runner
+
+        self.plan_path = Path(plan_path)
+        self.label = self.plan_path.name
+        self.device = device
+        self.runner = open_runner(self.plan_path, ("latents",), device, cuda_graph, verify=True, output="images")
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.device, torch.float32)
+        step = self.runner.max_batch
+        return torch.cat([self.runner(latents[i:i + step]) for i in range(0, latents.shape[0], step)])
+
+    def close(self) -> None:
+        self.runner.close()
+
+
 def open_export_decoder(export_dir: Path, kind: str, precision: str, *, device=None, threads: int | None = None):
     """The export's VAE decoder graph for a DiT running in `precision` on `kind` (fp32 DiT: the fp32 decoder, any
     other: the fp16 one where it was built), verified against the manifest under the export's read lock; None for
@@ -93,7 +118,16 @@ def open_export_decoder(export_dir: Path, kind: str, precision: str, *, device=N
         verify_export(export_dir, [path], all_sizes=False)
         image_shape = (record["out_channels"], record["image_size"], record["image_size"])
         if kind == "tensorrt":
-            raise DitexportError("the TensorRT VAE decoder is built with the export's engines; this build has none")
+            from ..engine import EngineError, current_environment, find_plan
+
+            device = torch.device(device) if device is not None else torch.device("cuda")
+            try:
+                plan = find_plan(export_dir, stem=VAE_GRAPH, environment=current_environment(device))
+            except EngineError as e:
+                raise EngineError(f"the export's VAE decoder has no TensorRT engine for this GPU ({e}); decode on "
+                                  "ONNX Runtime with --backend onnxruntime, or rebuild the engines with "
+                                  "python -m ditexport build") from None
+            return TensorRTDecoder(plan, device=device)  # the plan is checked against its SHA-256 as it loads
         if isinstance(device, str):
             device = None if device == "auto" else torch.device(device)
         return OnnxRuntimeDecoder(path, image_shape=image_shape, device=device, threads=threads)

@@ -1,15 +1,20 @@
 """The ONNX Runtime backend: an exported graph on the CPU provider, or the CUDA provider with I/O binding."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..errors import DitexportError
+from ..errors import DitexportError, one_line, summary
 from ..model import DiTConfig
 from .base import Backend
+from .cuda_graphs import run_ordered
 
 if TYPE_CHECKING:  # onnxruntime ships no stubs; its Python wrapper classes type-check the I/O-binding calls
     from onnxruntime import InferenceSession
@@ -96,18 +101,78 @@ def session_options(threads: int | None = None, optimization: str = GRAPH_OPTIMI
 
 def load_session(path: str | Path, providers: list | None = None, threads: int | None = None,
                  optimization: str = GRAPH_OPTIMIZATION):
-    """An InferenceSession, or one OnnxRuntimeError naming the file for a missing, corrupt or truncated graph."""
+    """An InferenceSession, or one OnnxRuntimeError naming the file for a missing, corrupt or truncated graph.
+
+    When the CUDA provider is asked for (first in `providers`), the session runs on it or this raises one
+    OnnxRuntimeError naming the cause: ONNX Runtime itself only logs a warning and falls back to the CPU.
+    """
     ort = _import_onnxruntime()
     path = Path(path)
     if not path.is_file():
         raise OnnxRuntimeError(f"ONNX graph not found: {path}")
+    providers = exact_fp32_providers(providers or default_providers(), cuda_index())
+    wants_cuda = provider_names(providers)[0] == CUDA
+    preload = _preload_cuda_libraries() if wants_cuda else ""
     try:
-        return ort.InferenceSession(str(path), session_options(threads, optimization),
-                                    providers=exact_fp32_providers(providers or default_providers(), cuda_index()))
+        session = ort.InferenceSession(str(path), session_options(threads, optimization), providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if wants_cuda and any(word in first_line for word in ("CUDA", "cuda", "cuDNN", "cudnn")):
+            raise OnnxRuntimeError(f"ONNX Runtime could not start its CUDA provider for {path.name}: {first_line}; "
+                                   f"{cuda_provider_problem(preload)}") from None
         raise OnnxRuntimeError(f"cannot load ONNX graph {path} (corrupt, truncated or incomplete?): "
                                f"{first_line}") from None
+    ran_on = session.get_providers()[0]
+    if wants_cuda and ran_on != CUDA:
+        raise OnnxRuntimeError(f"ONNX Runtime {ort.__version__} was asked for its CUDA provider but fell back to "
+                               f"{ran_on} for {path.name}: {cuda_provider_problem(preload)}")
+    return session
+
+
+def cuda_provider_library() -> Path:
+    """Where onnxruntime-gpu keeps its CUDA provider, the library ONNX Runtime loads when a session asks for CUDA."""
+    name = "onnxruntime_providers_cuda.dll" if sys.platform == "win32" else "libonnxruntime_providers_cuda.so"
+    return Path(_import_onnxruntime().__file__).parent / "capi" / name
+
+
+@functools.cache
+def _preload_cuda_libraries() -> str:
+    """`onnxruntime.preload_dlls()` (ORT >= 1.21) once per process: loads the CUDA and cuDNN libraries of the
+    nvidia-* wheels, which the CUDA provider does not find on its own; returns what it printed (its failures)."""
+    ort = _import_onnxruntime()
+    if not hasattr(ort, "preload_dlls"):
+        return ""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the library never prints: its messages become part of ours
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # a broken install: what follows names the cause
+            print(summary(e))
+    return " ".join(printed.getvalue().split())
+
+
+def cuda_provider_problem(preload_notes: str = "") -> str:
+    """Why ONNX Runtime's CUDA provider is not running here, in one sentence that says what to install."""
+    import ctypes
+
+    ort = _import_onnxruntime()
+    library = cuda_provider_library()
+    if CUDA not in ort.get_available_providers():
+        return (f"onnxruntime {ort.__version__} here has no CUDA provider (the CPU build): "
+                "pip uninstall onnxruntime && pip install onnxruntime-gpu")
+    if not library.is_file():
+        return (f"its CUDA provider did not start ({library.name} is not in {library.parent} to name the missing "
+                "library); most often CUDA or cuDNN is missing: pip install 'onnxruntime-gpu[cuda,cudnn]'")
+    try:
+        ctypes.CDLL(str(library))  # the loader names the first CUDA or cuDNN library it cannot find
+    except OSError as e:
+        notes = f" (onnxruntime.preload_dlls: {preload_notes})" if preload_notes else ""
+        return (f"its CUDA provider library does not load: {one_line(e)}{notes}; install the CUDA and cuDNN "
+                f"versions this onnxruntime-gpu needs (pip install 'onnxruntime-gpu[cuda,cudnn]') or put them on "
+                "LD_LIBRARY_PATH")
+    return (f"its CUDA provider library loads, so the GPU or its driver refused it (is a GPU visible, and the driver "
+            f"new enough for onnxruntime {ort.__version__}'s CUDA?); onnxruntime.set_default_logger_severity(0) "
+            "before the session shows ONNX Runtime's own reason")
 
 
 def graph_metadata(session) -> dict[str, str]:
@@ -130,10 +195,21 @@ class OnnxRuntimeBackend(Backend):
         self.onnx_path = Path(onnx_path)
         device = torch.device(device) if device is not None else None
         providers = exact_fp32_providers(providers or default_providers(device), cuda_index(device))
+        self.stream: torch.cuda.Stream | None = None
+        if provider_names(providers)[0] == CUDA and torch.cuda.is_available():
+            # ORT computes on a stream of this backend (`user_compute_stream`; not torch's default stream, which
+            # ORT reads as "none"), so a call is ordered after the caller's work on the device, not by host waits.
+            options = dict(providers[0][1])
+            self.stream = torch.cuda.Stream(torch.device("cuda", int(options.get("device_id", cuda_index(device)))))
+            providers = [(CUDA, {**options, "user_compute_stream": str(self.stream.cuda_stream)}), *providers[1:]]
         self.session = load_session(self.onnx_path, providers, threads, optimization)
         self.cond_session = load_session(cond_path, providers, threads, optimization) if cond_path else None
         self.providers = self.session.get_providers()
         if self.providers[0] == CUDA:
+            if self.stream is None:
+                raise OnnxRuntimeError(f"ONNX Runtime runs {self.onnx_path.name} on CUDA, but torch "
+                                       f"{torch.__version__} sees no CUDA GPU, and this backend's tensors are "
+                                       "torch's: install a CUDA build of torch, or pass providers=['CPUExecutionProvider']")
             index = int(self.session.get_provider_options()[CUDA].get("device_id", 0))
             device = torch.device("cuda", index)
         else:
@@ -162,7 +238,7 @@ class OnnxRuntimeBackend(Backend):
     def _run(self, session: InferenceSession, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg = self.config
         shape = (feed["x"].shape[0], cfg.out_channels, cfg.input_size, cfg.input_size)
-        return run_session(session, feed, "out", shape, self.device)
+        return run_session(session, feed, "out", shape, self.device, self.stream)
 
     def _forward(self, x, t, y):
         return self._run(self.session, {"x": x.float(), "t": t.long(), "y": y.long()})
@@ -185,24 +261,30 @@ class OnnxRuntimeBackend(Backend):
 
 
 def run_session(session: InferenceSession, feed: dict[str, torch.Tensor], output: str, shape: tuple[int, ...],
-                device: torch.device) -> torch.Tensor:
+                device: torch.device, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
     """One float32 output of a session from torch inputs: through numpy on the CPU; on the CUDA provider with
-    inputs and the output in torch-owned device memory (I/O binding), no host copy."""
+    inputs and the output in torch-owned device memory (I/O binding), no host copy, ORT computing on `stream` (the
+    session's `user_compute_stream`, see `cuda_session`), which waits for the caller's stream on the device
+    (`run_ordered`)."""
     if device.type != "cuda":
         arrays = {name: value.detach().cpu().numpy() for name, value in feed.items()}
         (out,) = session.run([output], arrays)
         return torch.from_numpy(out)
-    out = torch.empty(shape, dtype=torch.float32, device=device)
-    binding = session.io_binding()
-    keep = []  # contiguous copies must outlive the run
-    for name, value in feed.items():
-        value = value.to(device).contiguous()
-        keep.append(value)
-        binding.bind_input(name, "cuda", device.index or 0, np.int64 if value.dtype == torch.int64 else np.float32,
-                           tuple(value.shape), value.data_ptr())
-    binding.bind_output(output, "cuda", device.index or 0, np.float32, tuple(out.shape), out.data_ptr())
-    # ORT runs on its own stream: the inputs written on torch's stream must be ready first.
-    torch.cuda.current_stream(device).synchronize()
-    session.run_with_iobinding(binding)
-    binding.synchronize_outputs()
-    return out
+    assert stream is not None  # every CUDA session is made with its stream (cuda_session)
+
+    def bind_and_run() -> torch.Tensor:
+        out = torch.empty(shape, dtype=torch.float32, device=device)
+        binding = session.io_binding()
+        keep = []  # contiguous copies must outlive the run
+        for name, value in feed.items():
+            value = value.to(device).contiguous()
+            keep.append(value)
+            binding.bind_input(name, "cuda", device.index or 0, np.int64 if value.dtype == torch.int64 else np.float32,
+                               tuple(value.shape), value.data_ptr())
+        binding.bind_output(output, "cuda", device.index or 0, np.float32, tuple(out.shape), out.data_ptr())
+        # ORT enqueues on `stream`, after the copies above, and synchronises it before returning (its end-of-run
+        # sync): one host wait per call, after which `out` is complete and `keep` may be freed.
+        session.run_with_iobinding(binding)
+        return out
+
+    return run_ordered(stream, bind_and_run)

@@ -103,7 +103,15 @@ def _open_tensorrt(export_dir: Path, config, device: torch.device, max_batch, hi
     with read_lock(export_dir):
         entry = verify_export(export_dir, [], rebuild=hint, config=config)  # validated, from this model
         env = current_environment(device)  # the plan for the GPU asked for (cuda:N), not the current one
-        plan = find_plan(export_dir, environment=env)
+        try:
+            plan = find_plan(export_dir, environment=env)
+        except EngineError as e:
+            failed = entry.manifest.get("engine") or {}
+            if failed.get("status") != "failed":
+                raise
+            # The build's engine stage failed and discarded its plans: say why, and how to retry.
+            raise EngineError(f"{e}; the last engine build of this export failed: {failed.get('reason')}; retry "
+                              f"with: {failed.get('retry')}") from None
         try:
             cond_plan = find_plan(export_dir, stem="cond", environment=env)
         except EngineError:

@@ -8,9 +8,12 @@ import torch
 
 from ..errors import UsageError, summary
 from ..engine import EngineError, load_engine, plan_precision, profile_for_batch, tensorrt_unavailable_reason
+from ..logs import get_logger
 from ..model import DiTConfig
 from .base import Backend
-from .cuda_graphs import CapturedForward, fresh_float32, run_ordered
+from .cuda_graphs import CapturedForward, CaptureError, fresh_float32, run_ordered
+
+LOG = get_logger("tensorrt")
 
 # The graphs' input names (the export contract) and the output name.
 XTY_INPUTS = ("x", "t", "y")
@@ -52,9 +55,16 @@ class _BatchContext:
             raise EngineError("TensorRT could not create an execution context (out of GPU memory?)")
         batch = int(feeds[runner.input_names[0]].shape[0])
         profile = profile_for_batch(runner.batch_ranges, batch)
-        # The profile is chosen before any shape is set, and the scratch buffer covers every profile.
-        if not self.context.set_optimization_profile_async(profile, stream):
-            raise EngineError(f"TensorRT refused optimization profile {profile} for batch {batch}")
+        # The profile is chosen before any shape is set, and the scratch buffer covers every profile. The bindings
+        # raise RuntimeError when TensorRT refuses (their `-> bool` always returns True), so both are caught.
+        try:
+            accepted = self.context.set_optimization_profile_async(profile, stream)
+        except RuntimeError as e:
+            raise EngineError(f"TensorRT refused optimization profile {profile} for batch {batch} of "
+                              f"{runner.plan_path.name}: {summary(e)}") from None
+        if not accepted:
+            raise EngineError(f"TensorRT refused optimization profile {profile} for batch {batch} of "
+                              f"{runner.plan_path.name}")
         self.context.set_device_memory(runner.scratch.data_ptr(), runner.scratch.numel())
         self.inputs: dict[str, torch.Tensor] = {}
         for name in runner.input_names:
@@ -63,19 +73,26 @@ class _BatchContext:
             if not self.context.set_input_shape(name, shape):
                 raise EngineError(f"the engine rejects input {name!r} of shape {shape}; its profile {profile} "
                                   f"allows {runner.profile_text(name, profile)}")
-        self.output = torch.empty(dims(self.context.get_tensor_shape(OUTPUT)), dtype=runner.dtypes[OUTPUT],
+        output = runner.output
+        self.output = torch.empty(dims(self.context.get_tensor_shape(output)), dtype=runner.dtypes[output],
                                   device=device)
         self.others = {name: torch.empty(dims(self.context.get_tensor_shape(name)), dtype=runner.dtypes[name],
-                                         device=device) for name in runner.output_names if name != OUTPUT}  # never read
-        for name, buf in {**self.inputs, OUTPUT: self.output, **self.others}.items():
+                                         device=device) for name in runner.output_names if name != output}  # never read
+        for name, buf in {**self.inputs, output: self.output, **self.others}.items():
             if not self.context.set_tensor_address(name, buf.data_ptr()):
                 raise EngineError(f"TensorRT refused the address of tensor {name!r}")
         self.device = device
         # Real values before the first enqueue: garbage labels would index the embedding out of range.
         for name, x in feeds.items():
             self.inputs[name].copy_(x)
-        self._captured = (CapturedForward(self._enqueue, list(self.inputs.values()), inputs_are_static=True)
-                          if cuda_graph else None)
+        self._captured = None
+        if cuda_graph:
+            try:
+                self._captured = CapturedForward(self._enqueue, list(self.inputs.values()), inputs_are_static=True)
+            except CaptureError as e:
+                # As trtexec does: an engine with operations a CUDA graph cannot hold runs by plain enqueue.
+                LOG.warning(f"warning: {runner.plan_path.name}, batch {batch}: {e}; this batch runs without a CUDA "
+                            "graph")
 
     def _enqueue(self, *static_inputs: torch.Tensor) -> torch.Tensor:
         # The buffers are already bound; the current stream is the runner's stream, or the capture stream.
@@ -99,19 +116,20 @@ class _EngineRunner:
     """
 
     def __init__(self, plan_path: Path, expected_inputs: tuple[str, ...], device: torch.device, cuda_graph: bool,
-                 verify: bool):
+                 verify: bool, output: str = OUTPUT):
         import tensorrt as trt
 
         self.runtime, self.engine, self.metadata = load_engine(plan_path, verify=verify, device=device)
-        self.plan_path = plan_path
+        self.plan_path, self.output = plan_path, output
         self.device, self.cuda_graph = device, cuda_graph
         engine = self.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if sorted(self.input_names) != sorted(expected_inputs) or OUTPUT not in self.output_names:
+        if sorted(self.input_names) != sorted(expected_inputs) or output not in self.output_names:
             raise EngineError(f"{plan_path.name} has inputs {self.input_names} and outputs {self.output_names}; "
-                              f"expected inputs {list(expected_inputs)} and output {OUTPUT!r} (is it a DiT export?)")
+                              f"expected inputs {list(expected_inputs)} and output {output!r} (is it a ditexport "
+                              "export's plan?)")
         self.input_names = list(expected_inputs)  # feed order = the order callers pass tensors
         self.dtypes = {n: torch_dtype(engine.get_tensor_dtype(n)) for n in names}
         # Per optimization profile: each input's (min, opt, max) shapes, and the batch range it covers.
@@ -120,10 +138,12 @@ class _EngineRunner:
         self.batch_ranges = [(max(p[n][0][0] for n in p), min(p[n][1][0] for n in p), min(p[n][2][0] for n in p))
                              for p in self.profiles]
         self.max_batch = max(hi for _, _, hi in self.batch_ranges)
-        # One activation buffer for every batch context, as large as the largest profile needs.
+        self.stream = torch.cuda.Stream(device)
+        # One activation buffer for every batch context, as large as the largest profile needs. Allocated on the
+        # caller's stream and used on the runner's: recorded there, so its memory is not reused while in use.
         size = max(engine.get_device_memory_size_for_profile_v2(i) for i in range(len(self.profiles)))
         self.scratch = torch.empty(max(int(size), 1), dtype=torch.uint8, device=device)
-        self.stream = torch.cuda.Stream(device)
+        self.scratch.record_stream(self.stream)
         self._contexts: dict[int, _BatchContext] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -151,9 +171,24 @@ class _EngineRunner:
             if self._closed:
                 return
             self._closed = True
+            # A replay or enqueue still queued on the runner's stream uses the contexts, their buffers and the
+            # scratch: it finishes before any of them is freed.
+            self.stream.synchronize()
             self._contexts.clear()
             # Contexts before the engine, the engine before its runtime; the scratch buffer once no context uses it.
             del self.engine, self.runtime, self.scratch
+
+
+def open_runner(plan: Path, inputs: tuple[str, ...], device: torch.device, cuda_graph: bool, verify: bool,
+                output: str = OUTPUT) -> _EngineRunner:
+    """An _EngineRunner on `device`; whatever TensorRT raises while loading becomes an EngineError."""
+    try:
+        with torch.cuda.device(device):
+            return _EngineRunner(plan, inputs, device, cuda_graph, verify, output)
+    except EngineError:
+        raise
+    except Exception as e:
+        raise EngineError(f"TensorRT could not load {plan.name} on {device}: {summary(e)}") from None
 
 
 class TensorRTBackend(Backend):
@@ -176,8 +211,8 @@ class TensorRTBackend(Backend):
             raise UsageError(f"the tensorrt backend runs on a CUDA device, not {device}")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        self._xty = self._runner(Path(plan_path), XTY_INPUTS, device, cuda_graph, verify)
-        self._cond = (self._runner(Path(cond_plan_path), COND_INPUTS, device, cuda_graph, verify)
+        self._xty = open_runner(Path(plan_path), XTY_INPUTS, device, cuda_graph, verify)
+        self._cond = (open_runner(Path(cond_plan_path), COND_INPUTS, device, cuda_graph, verify)
                       if cond_plan_path is not None else None)
         self._check_shapes(config)
         engine_max = self._xty.max_batch if self._cond is None else min(self._xty.max_batch, self._cond.max_batch)
@@ -187,18 +222,6 @@ class TensorRTBackend(Backend):
         # Strong typing keeps the graph's precision: a plan built from the fp32 graph computes in fp32.
         self.precision = plan_precision(self.metadata)
         self.dtype = torch.float16 if self.precision == "fp16" else torch.float32
-
-    @staticmethod
-    def _runner(plan: Path, inputs: tuple[str, ...], device: torch.device, cuda_graph: bool,
-                verify: bool) -> _EngineRunner:
-        """An _EngineRunner on `device`; whatever TensorRT raises while loading becomes an EngineError."""
-        try:
-            with torch.cuda.device(device):
-                return _EngineRunner(plan, inputs, device, cuda_graph, verify)
-        except EngineError:
-            raise
-        except Exception as e:
-            raise EngineError(f"TensorRT could not load {plan.name} on {device}: {summary(e)}") from None
 
     def _check_shapes(self, config: DiTConfig) -> None:
         """Fails early, naming the plan, when an engine was built for another model config."""

@@ -26,12 +26,20 @@ class BenchContext:
     log: callable = print
     export: Callable[[], Path] | None = None        # the validated export (`build`'s, built when missing)
     _export_dir: Path | None = None
+    _export_error: Exception | None = None
 
     def export_dir(self) -> Path:
-        """The export directory: from `export` (resolved once), else --export-dir as it is."""
+        """The export directory: from `export` (resolved once; a failure is remembered and raised again, so that
+        no later row builds it a second time), else --export-dir as it is."""
+        if self._export_error is not None:
+            raise self._export_error
         if self._export_dir is None:
             if self.export is not None:
-                self._export_dir = Path(self.export())
+                try:
+                    self._export_dir = Path(self.export())
+                except Exception as e:
+                    self._export_error = e
+                    raise
             elif self.settings.export_dir is not None:
                 self._export_dir = Path(self.settings.export_dir)
             else:
@@ -60,37 +68,53 @@ class BenchContext:
         return path
 
 
+def absent_reason(ctx: BenchContext, name: str) -> str | None:
+    """Why this machine does not run bench backend `name`, found cheaply (nothing is exported, built or opened);
+    None when it does. A backend that is present may still fail when it is made or measured."""
+    gpu = ctx.device.type == "cuda"
+    if name == "torch-cuda-graph" and not gpu:
+        return "CUDA graphs need a CUDA GPU (torch sees none, or --device cpu)"
+    if name == "torch-compile" and not gpu and ctx.settings.backends is None:
+        return "not run on the CPU unless asked for (compiling takes minutes on few cores): --backends torch-compile"
+    if name.startswith("onnxruntime"):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            return f"the onnxruntime backend is unavailable ({e})"
+        if gpu and "CUDAExecutionProvider" not in ort.get_available_providers():
+            return ("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu); the CPU provider is "
+                    "benchmarked with --device cpu")
+    if name == "tensorrt":
+        from ..engine import tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason(for_build=ctx.settings.export_dir is None)
+        if reason:
+            return reason
+        if not gpu:
+            return "TensorRT runs on the GPU; this run benchmarks the CPU (--device cpu)"
+    return None
+
+
 def _torch_backend(ctx: BenchContext, name: str):
     from ..backends.open import open_backend
 
-    gpu = ctx.device.type == "cuda"
-    precision = "fp16" if gpu else "fp32"
+    precision = "fp16" if ctx.device.type == "cuda" else "fp32"
     model = copy.deepcopy(ctx.model)  # TorchBackend moves and casts its model in place
     if name == "torch-eager":
         return open_backend("torch", precision, model=model, device=ctx.device)
     if name == "torch-cuda-graph":
-        if not gpu:
-            raise Skip("CUDA graphs need a CUDA GPU (torch sees none, or --device cpu)")
         return open_backend("torch", precision, model=model, device=ctx.device, cuda_graph=True)
-    if not gpu and ctx.settings.backends is None:
-        raise Skip("not run on the CPU unless asked for (compiling takes minutes on few cores): "
-                   "--backends torch-compile")
     return open_backend("torch", precision, model=model, device=ctx.device, compile_mode=ctx.settings.compile_mode)
 
 
 def _onnxruntime_backend(ctx: BenchContext, name: str):
     from ..backends.open import open_backend
 
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise Skip(f"the onnxruntime backend is unavailable ({e})") from None
     providers = None
     if ctx.device.type == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise Skip("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu); "
-                       "the CPU provider is benchmarked with --device cpu")
-        providers = ["CUDAExecutionProvider"]  # TF32 off and the bench's GPU: see OnnxRuntimeBackend
+        # TF32 off and the bench's GPU, and refused in one line if ONNX Runtime falls back to the CPU: see
+        # OnnxRuntimeBackend.
+        providers = ["CUDAExecutionProvider"]
     precision = name.rsplit("-", 1)[1]
     ctx.graph(precision)  # a missing graph skips its rows
     # A damaged graph fails its own rows (its ArtifactError is recorded), the others still run.
@@ -99,15 +123,9 @@ def _onnxruntime_backend(ctx: BenchContext, name: str):
 
 
 def _tensorrt_backend(ctx: BenchContext, name: str):
-    from ..engine import (batch_profiles, build_engine, current_environment, find_plan, plan_path_for,
-                         tensorrt_unavailable_reason, timing_cache_filename)
-
-    reason = tensorrt_unavailable_reason(for_build=ctx.settings.export_dir is None)
-    if reason:
-        raise Skip(reason)
-    if ctx.device.type != "cuda":
-        raise Skip("TensorRT runs on the GPU; this run benchmarks the CPU (--device cpu)")
     from ..backends.open import open_backend
+    from ..engine import batch_profiles, build_engine, current_environment, find_plan, plan_path_for, \
+        timing_cache_filename
 
     env = current_environment(ctx.device)
     if ctx.settings.export_dir is not None:
@@ -140,7 +158,7 @@ def _usable_plan(plan: Path, onnx_path: Path, ranges: list, level: int, env: dic
 
     try:
         meta = read_engine_metadata(plan)
-        check_engine_compatibility(meta, env)
+        check_engine_compatibility(meta, env, plan)
         check_onnx_unchanged(meta, onnx_path)
     except EngineError:
         return False
@@ -149,10 +167,13 @@ def _usable_plan(plan: Path, onnx_path: Path, ranges: list, level: int, env: dic
 
 def make_bench_backend(ctx: BenchContext, name: str):
     """The backend behind a bench name, or Skip with the reason."""
+    if name not in BENCH_BACKENDS:
+        raise DitexportError(f"unknown bench backend {name!r}; choose from {', '.join(BENCH_BACKENDS)}")
+    reason = absent_reason(ctx, name)
+    if reason:
+        raise Skip(reason)
     if name.startswith("torch"):
         return _torch_backend(ctx, name)
     if name.startswith("onnxruntime"):
         return _onnxruntime_backend(ctx, name)
-    if name == "tensorrt":
-        return _tensorrt_backend(ctx, name)
-    raise DitexportError(f"unknown bench backend {name!r}; choose from {', '.join(BENCH_BACKENDS)}")
+    return _tensorrt_backend(ctx, name)

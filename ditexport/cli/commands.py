@@ -135,11 +135,11 @@ def cmd_build(args) -> int:
     model = load_cli_model(args)
     print(f"model: {describe_model(model)}; {set_threads(args, model.config.hidden_size)}")
     try:
-        build(model, out, precisions=args.precision, max_images=args.max_batch, opset=args.opset,
-              sample_steps=args.sample_steps, vae=args.vae, force=args.force, wait=not args.no_wait)
+        export = build(model, out, precisions=args.precision, max_images=args.max_batch, opset=args.opset,
+                       sample_steps=args.sample_steps, vae=args.vae, force=args.force, wait=not args.no_wait)
     except ValidationFailedError:
         return 1  # the report, ending in FAILED, has been printed
-    return 0
+    return 1 if export.engine["status"] == "failed" else 0  # its one line, with the retry, has been printed
 
 
 def cmd_validate(args) -> int:
@@ -154,7 +154,7 @@ def cmd_validate(args) -> int:
                  image_size=args.image_size)
     print(f"validate: {export_dir}; {set_threads(args, manifest['config']['hidden_size'])}")
     try:
-        open_export(export_dir).validate(sample_steps=args.sample_steps, wait=not args.no_wait)
+        export = open_export(export_dir).validate(sample_steps=args.sample_steps, wait=not args.no_wait)
     except ValidationFailedError:
         return 1
-    return 0
+    return 1 if export.engine["status"] == "failed" else 0

@@ -230,11 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "ONNX Runtime CUDA (with onnxruntime-gpu) and TensorRT (when installed) on the digits model and "
                        "DiT-XL/2 at 256 px (random weights): relative error against fp32 torch, ms per forward at "
                        "batches 2 and 64, one 250-step guided sample each; every row isolated and time-capped, one "
-                       "table last. Exit code 1 when a row failed, 2 without a GPU.")
+                       "table last. Exit code 1 when a row failed, 3 when a path present did not run (INCOMPLETE), "
+                       "2 without a GPU.")
     p.add_argument("--models", default="digits,DiT-XL/2",
                    help="comma-separated: digits and/or registry configs at 256 px (default: digits,DiT-XL/2)")
     p.add_argument("--budget", type=float, default=450.0,
-                   help="seconds for the whole check; rows that cannot start in time say so (default: 450)")
+                   help="seconds for the rows, after set-up (models, exports); rows that cannot start in time say "
+                        "so (default: 450)")
     p.add_argument("--builder-optimization-level", type=int, default=2, choices=range(0, 6),
                    help="TensorRT builder level of the check's engines (default: 2, to fit the budget; "
                         "bench uses 3)")

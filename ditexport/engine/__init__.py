@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..artifacts import atomic_path, atomic_write_json
 from ..errors import summary
-from .plans import (METADATA_FORMAT, MIN_TENSORRT_VERSION, REBUILD_COMMAND, TENSORRT_INSTALL_HINT, EngineError,
+from .plans import (METADATA_FORMAT, MIN_TENSORRT_VERSION, TENSORRT_INSTALL_HINT, EngineError, rebuild_for,
                     _onnx_header, check_engine_compatibility, check_onnx_unchanged, current_environment,
                     engine_metadata, find_plan, metadata_path, onnx_input_shapes, onnx_precision, plan_filename,
                     plan_path_for, plan_precision, read_engine_metadata, sanitize_gpu_name,
@@ -28,10 +28,10 @@ from ..logs import get_logger
 LOG = get_logger("engine")
 
 __all__ = ["BatchProfile", "DEFAULT_MAX_BATCH_IMAGES", "EngineError", "METADATA_FORMAT", "MIN_TENSORRT_VERSION",
-           "REBUILD_COMMAND", "TENSORRT_INSTALL_HINT", "batch_profiles", "build_engine", "check_engine_compatibility",
+           "TENSORRT_INSTALL_HINT", "batch_profiles", "build_engine", "check_engine_compatibility",
            "check_onnx_unchanged", "compare_with_onnxruntime", "current_environment", "engine_metadata",
            "engine_profile", "find_plan", "load_engine", "metadata_path", "onnx_input_shapes", "onnx_precision",
-           "plan_bytes_from_onnx", "plan_filename", "plan_path_for", "plan_precision", "profile_for_batch",
+           "plan_bytes_from_onnx", "plan_filename", "plan_path_for", "plan_precision", "profile_for_batch", "rebuild_for",
            "profile_shapes", "read_engine_metadata", "sanitize_gpu_name", "tensorrt_unavailable_reason",
            "tensorrt_version_problem", "timing_cache_filename", "verify_plan_file"]
 
@@ -166,7 +166,7 @@ def load_engine(plan_path: str | Path, *, verify: bool = True, onnx_path: str | 
     plan_path = Path(plan_path)
     meta = read_engine_metadata(plan_path)
     with _device_scope(device):
-        for warning in check_engine_compatibility(meta, current_environment(device), plan_path.name):
+        for warning in check_engine_compatibility(meta, current_environment(device), plan_path):
             LOG.warning(f"warning: {warning}")
         if verify:
             verify_plan_file(plan_path, meta)
@@ -177,8 +177,8 @@ def load_engine(plan_path: str | Path, *, verify: bool = True, onnx_path: str | 
             engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
         except Exception as e:  # the bindings raise for some broken plans instead of returning None
             raise EngineError(f"TensorRT could not deserialise {plan_path}: {summary(e)}; rebuild it with: "
-                              f"{meta.get('rebuild_command') or REBUILD_COMMAND}") from None
+                              f"{rebuild_for(plan_path, meta)}") from None
     if engine is None:
         raise EngineError(f"TensorRT could not deserialise {plan_path} (see its log above); rebuild it with: "
-                          f"{meta.get('rebuild_command') or REBUILD_COMMAND}")
+                          f"{rebuild_for(plan_path, meta)}")
     return runtime, engine, meta

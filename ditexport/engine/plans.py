@@ -11,7 +11,11 @@ from ..errors import DitexportError
 
 
 METADATA_FORMAT = 1
-REBUILD_COMMAND = "python -m ditexport build --force"
+def rebuild_for(plan_path: str | Path, metadata: dict | None = None) -> str:
+    """The command that rebuilds a plan: the one its build recorded, else the export directory's (artifacts')."""
+    from ..artifacts import rebuild_command
+
+    return (metadata or {}).get("rebuild_command") or rebuild_command(Path(plan_path).parent)
 TENSORRT_INSTALL_HINT = "pip install tensorrt; its CUDA wheels come from NVIDIA's index, pypi.nvidia.com"
 
 
@@ -156,7 +160,7 @@ def find_plan(export_dir: str | Path, stem: str = "model", environment: dict | N
     here = f"{env['gpu_name']} with TensorRT {env['tensorrt_version']}"
     if others:
         raise EngineError(f"{export_dir} has no engine for {here} (it has {', '.join(others)}, built elsewhere); "
-                          f"rebuild it here with: {REBUILD_COMMAND}")
+                          f"rebuild it here with: {rebuild_for(path)}")
     raise EngineError(f"{export_dir} has no TensorRT engine; build one with: python -m ditexport build")
 
 
@@ -170,20 +174,21 @@ def read_engine_metadata(plan_path: str | Path) -> dict:
     meta_path = metadata_path(plan_path)
     if not meta_path.is_file():
         raise EngineError(f"{plan_path} has no metadata beside it ({meta_path.name}), so its GPU and TensorRT "
-                          f"version are unknown; rebuild it with: {REBUILD_COMMAND}")
+                          f"version are unknown; rebuild it with: {rebuild_for(plan_path)}")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
-        raise EngineError(f"cannot read engine metadata {meta_path}: {e}; rebuild it with: {REBUILD_COMMAND}") from None
+        raise EngineError(f"cannot read engine metadata {meta_path}: {e}; rebuild it with: "
+                          f"{rebuild_for(plan_path)}") from None
     missing = [k for k in ("tensorrt_version", "compute_capability", "gpu_name", "plan_sha256", "plan_bytes")
                if k not in meta]
     if not isinstance(meta, dict) or missing:
         raise EngineError(f"engine metadata {meta_path} lacks {', '.join(missing) or 'its fields'}; "
-                          f"rebuild it with: {REBUILD_COMMAND}")
+                          f"rebuild it with: {rebuild_for(plan_path)}")
     return meta
 
 
-def check_engine_compatibility(metadata: dict, environment: dict, plan_name: str = "the plan") -> list[str]:
+def check_engine_compatibility(metadata: dict, environment: dict, plan_path: str | Path) -> list[str]:
     """Raises an EngineError when a plan cannot run here; returns warnings for what merely may be slower.
 
     TensorRT deserialises a plan only with the exact version that built it and on the same compute
@@ -193,7 +198,7 @@ def check_engine_compatibility(metadata: dict, environment: dict, plan_name: str
              f"{metadata['tensorrt_version']}")
     here = (f"{environment['gpu_name']} (compute {environment['compute_capability']}) with TensorRT "
             f"{environment['tensorrt_version']}")
-    rebuild = metadata.get("rebuild_command") or REBUILD_COMMAND
+    plan_name, rebuild = Path(plan_path).name, rebuild_for(plan_path, metadata)
     if metadata["tensorrt_version"] != environment["tensorrt_version"]:
         raise EngineError(f"{plan_name} was built for {built}, but this machine has TensorRT "
                           f"{environment['tensorrt_version']}; plans only load with the TensorRT version that "
@@ -212,7 +217,7 @@ def verify_plan_file(plan_path: str | Path, metadata: dict) -> None:
     """Size and SHA-256 of the plan against its metadata: a truncated or altered plan is refused."""
     plan_path = Path(plan_path)
     size = plan_path.stat().st_size
-    rebuild = metadata.get("rebuild_command") or REBUILD_COMMAND
+    rebuild = rebuild_for(plan_path, metadata)
     if size != metadata["plan_bytes"]:
         raise EngineError(f"{plan_path} is corrupt: {size} bytes where {metadata['plan_bytes']} were written "
                           f"(truncated or overwritten); rebuild it with: {rebuild}")
@@ -225,7 +230,7 @@ def check_onnx_unchanged(metadata: dict, onnx_path: str | Path) -> None:
     """Refuses a plan built from a different ONNX file than the one now in the export."""
     if metadata.get("onnx_sha256") and sha256_file(onnx_path) != metadata["onnx_sha256"]:
         raise EngineError(f"the engine is stale: {onnx_path} changed since the plan was built; rebuild it with: "
-                          f"{metadata.get('rebuild_command') or REBUILD_COMMAND}")
+                          f"{rebuild_for(Path(onnx_path), metadata)}")
 
 
 def engine_metadata(*, plan_path: Path, plan_bytes: bytes, onnx_path: Path, environment: dict, profile: dict,

@@ -26,15 +26,14 @@ class ValidationReport:
     stress: dict | None = None
     samples: list[SampleCheck] = field(default_factory=list)
     vae: list[dict] = field(default_factory=list)   # the VAE decoder graphs of a latent export (validate.vae)
-    tensorrt: dict | None = None
     seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
+        """The ONNX graphs' verdict; TensorRT parity is the plans' (the manifest's engine entry), never part of it."""
         return (bool(self.checks) and all(c.passed for c in self.checks)
                 and (self.stress is None or self.stress["passed"]) and all(s.passed for s in self.samples)
-                and all(v["passed"] for v in self.vae)
-                and (self.tensorrt is None or self.tensorrt.get("passed", True)))
+                and all(v["passed"] for v in self.vae))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -88,13 +87,6 @@ class ValidationReport:
             if s.class_agreement is not None:
                 text += f", classes agree {100 * s.class_agreement:.0f} %"
             lines.append(f"{text}  {'ok' if s.passed else 'FAILED'}")
-        if self.tensorrt and self.tensorrt["status"] == "compared":
-            for r in self.tensorrt["rows"]:
-                lines.append(f"  tensorrt {r['plan']:<17} vs {r['onnx']}: batch {r['batch']:>3} rel err "
-                             f"{r['rel_err']:.2e} max abs {r['max_abs']:.2e} (tolerance {r['tolerance']:.0e})  "
-                             f"{'ok' if r['passed'] else 'FAILED'}")
-        elif self.tensorrt:
-            lines.append(f"  tensorrt: not compared — {self.tensorrt['reason']}")
         lines.append(f"{'PASSED' if self.passed else 'FAILED'} ({self.seconds:.1f} s)")
         return "\n".join(lines)
 
