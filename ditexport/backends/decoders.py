@@ -49,24 +49,21 @@ class OnnxRuntimeDecoder:
 
     def __init__(self, onnx_path: str | Path, *, image_shape: tuple[int, int, int], device: torch.device | None = None,
                  providers: list | None = None, threads: int | None = None, label: str | None = None):
-        from .onnxruntime_backend import CUDA, default_providers, load_session
+        from .onnxruntime_backend import load_session, providers_with_stream, session_device
 
         self.onnx_path = Path(onnx_path)
         self.label = label or self.onnx_path.name  # what reports call it (an emulated copy reports its original)
         self.image_shape = tuple(image_shape)  # (C, H, W) of one image
-        self.session = load_session(self.onnx_path, providers or default_providers(device), threads)
-        if self.session.get_providers()[0] == CUDA:
-            index = int(self.session.get_provider_options()[CUDA].get("device_id", 0))
-            self.device = torch.device("cuda", index)
-        else:
-            self.device = torch.device("cpu")
+        providers, self.stream = providers_with_stream(providers, device)
+        self.session = load_session(self.onnx_path, providers, threads)
+        self.device = session_device(self.session, self.stream, self.onnx_path)
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         from .onnxruntime_backend import run_session
 
         shape = (latents.shape[0], *self.image_shape)
-        return run_session(self.session, {"latents": latents.float()}, "images", shape, self.device)
+        return run_session(self.session, {"latents": latents.float()}, "images", shape, self.device, self.stream)
 
     def close(self) -> None:
         self.__dict__.pop("session", None)

@@ -179,6 +179,29 @@ def graph_metadata(session) -> dict[str, str]:
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
+def providers_with_stream(providers: list | None, device: torch.device | None) -> tuple[list, torch.cuda.Stream | None]:
+    """The providers for `device` (TF32 off) and, where the CUDA provider leads and torch sees a GPU, the stream ORT
+    is to compute on (`user_compute_stream`; not torch's default stream, which ORT reads as "none"), so that a call
+    is ordered after the caller's work on the device, not by host waits."""
+    providers = exact_fp32_providers(providers or default_providers(device), cuda_index(device))
+    if provider_names(providers)[0] != CUDA or not torch.cuda.is_available():
+        return providers, None
+    options = dict(providers[0][1])
+    stream = torch.cuda.Stream(torch.device("cuda", int(options.get("device_id", cuda_index(device)))))
+    return [(CUDA, {**options, "user_compute_stream": str(stream.cuda_stream)}), *providers[1:]], stream
+
+
+def session_device(session, stream: torch.cuda.Stream | None, path: Path) -> torch.device:
+    """Where a session's inputs and outputs live: its CUDA device, or the CPU."""
+    if session.get_providers()[0] != CUDA:
+        return torch.device("cpu")
+    if stream is None:
+        raise OnnxRuntimeError(f"ONNX Runtime runs {path.name} on CUDA, but torch {torch.__version__} sees no CUDA "
+                               "GPU, and this backend's tensors are torch's: install a CUDA build of torch, or pass "
+                               "providers=['CPUExecutionProvider']")
+    return torch.device("cuda", int(session.get_provider_options()[CUDA].get("device_id", 0)))
+
+
 class OnnxRuntimeBackend(Backend):
     """Runs an exported DiT graph; `cond_path` adds the conditioning-vector graph for `with_condition`.
 
@@ -194,27 +217,11 @@ class OnnxRuntimeBackend(Backend):
                  optimization: str = GRAPH_OPTIMIZATION, device: torch.device | str | None = None):
         self.onnx_path = Path(onnx_path)
         device = torch.device(device) if device is not None else None
-        providers = exact_fp32_providers(providers or default_providers(device), cuda_index(device))
-        self.stream: torch.cuda.Stream | None = None
-        if provider_names(providers)[0] == CUDA and torch.cuda.is_available():
-            # ORT computes on a stream of this backend (`user_compute_stream`; not torch's default stream, which
-            # ORT reads as "none"), so a call is ordered after the caller's work on the device, not by host waits.
-            options = dict(providers[0][1])
-            self.stream = torch.cuda.Stream(torch.device("cuda", int(options.get("device_id", cuda_index(device)))))
-            providers = [(CUDA, {**options, "user_compute_stream": str(self.stream.cuda_stream)}), *providers[1:]]
+        providers, self.stream = providers_with_stream(providers, device)
         self.session = load_session(self.onnx_path, providers, threads, optimization)
         self.cond_session = load_session(cond_path, providers, threads, optimization) if cond_path else None
         self.providers = self.session.get_providers()
-        if self.providers[0] == CUDA:
-            if self.stream is None:
-                raise OnnxRuntimeError(f"ONNX Runtime runs {self.onnx_path.name} on CUDA, but torch "
-                                       f"{torch.__version__} sees no CUDA GPU, and this backend's tensors are "
-                                       "torch's: install a CUDA build of torch, or pass providers=['CPUExecutionProvider']")
-            index = int(self.session.get_provider_options()[CUDA].get("device_id", 0))
-            device = torch.device("cuda", index)
-        else:
-            device = torch.device("cpu")
-        super().__init__(config, device, torch.float32, max_batch)
+        super().__init__(config, session_device(self.session, self.stream, self.onnx_path), torch.float32, max_batch)
         meta = graph_metadata(self.session)
         self.precision = meta.get("ditexport.precision", "fp32")
         self._check_graph(self.session, ("x", "t", "y"), self.onnx_path)
