@@ -128,3 +128,41 @@ def test_a_planted_mutual_import_is_found(tmp_path):
     (root / "e.py").write_text("import pkg.f\n")
     (root / "f.py").write_text("def g():\n    from .e import h\n")
     assert mutual_imports(import_graph(root)) == [("pkg.e", "pkg.f")]
+
+
+# The layers of DESIGN.md, lowest first: a module imports only from its own layer and those below. (Review finding of
+# issue 20: backends/open.py, which runs exports, imported from build.py, which makes them.)
+LAYERS = [
+    ("ground", ["model", "diffusion", "source", "checkpoint", "diffusers_format", "artifacts", "verification",
+                "locking", "errors", "settings", "hashing", "logs", "progress", "threads", "class_names", "zoo"]),
+    ("running", ["pipeline", "sampler", "backends", "images", "blend", "engine.plans", "engine.profile"]),
+    ("making", ["building", "validate", "export", "engine", "vae", "bench", "gpu_check", "zoo.digits_train",
+                "zoo.digits_eval", "zoo.digits_sweep", "zoo.digits_data"]),
+    ("api", ["api", ""]),
+    ("adapters", ["cli", "demo_app", "serving", "__main__"]),
+]
+
+
+def layer_of(module: str) -> int:
+    """The layer of the longest listed prefix of `module` ("" is the package itself)."""
+    best, length = None, -1
+    for level, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            name = f"ditexport.{prefix}" if prefix else "ditexport"
+            if (module == name or module.startswith(name + ".")) and len(name) > length:
+                best, length = level, len(name)
+    assert best is not None, f"{module} is in no layer of the test"
+    return best
+
+
+def upward_imports(edges: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} -> {b}" for a in edges for b in edges[a] if layer_of(b) > layer_of(a))
+
+
+def test_imports_point_down_the_layers():
+    assert upward_imports(import_graph(PACKAGE)) == []
+
+
+def test_an_upward_import_is_found():
+    edges = {"ditexport.backends.open": {"ditexport.building"}, "ditexport.cli": {"ditexport.api"}}
+    assert upward_imports(edges) == ["ditexport.backends.open -> ditexport.building"]

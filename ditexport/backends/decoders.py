@@ -115,7 +115,7 @@ def open_export_decoder(export_dir: Path, kind: str, precision: str, *, device=N
         verify_export(export_dir, [path], all_sizes=False)
         image_shape = (record["out_channels"], record["image_size"], record["image_size"])
         if kind == "tensorrt":
-            from ..engine import EngineError, current_environment, find_plan
+            from ..engine.plans import EngineError, current_environment, find_plan
 
             device = torch.device(device) if device is not None else torch.device("cuda")
             try:

@@ -14,7 +14,7 @@ def check_available(kind: str, device: str | torch.device = "auto") -> None:
     """The cheap checks of a backend (its runtime, the GPU it needs), made before a model is built (DiT-XL/2
     takes about 25 s), so that a missing runtime or GPU is refused at once."""
     if kind == "tensorrt":
-        from ..engine import EngineError, tensorrt_unavailable_reason
+        from ..engine.plans import EngineError, tensorrt_unavailable_reason
 
         reason = tensorrt_unavailable_reason(for_build=False)
         if reason:
@@ -95,7 +95,7 @@ def _open_onnxruntime(export_dir: Path, precision: str, config, device, max_batc
 
 
 def _open_tensorrt(export_dir: Path, config, device: torch.device, max_batch, hint) -> Backend:
-    from ..engine import EngineError, current_environment, find_plan
+    from ..engine.plans import EngineError, current_environment, find_plan
     from ..locking import read_lock
     from ..verification import verify_export
     from .tensorrt_backend import TensorRTBackend

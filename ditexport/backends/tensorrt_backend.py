@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError, summary
-from ..engine import EngineError, load_engine, plan_precision, profile_for_batch, tensorrt_unavailable_reason
+from ..engine.plans import EngineError, load_engine, plan_precision, tensorrt_unavailable_reason
+from ..engine.profile import profile_for_batch
 from ..logs import get_logger
 from ..model import DiTConfig
 from .base import Backend

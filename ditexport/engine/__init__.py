@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..artifacts import atomic_path, atomic_write_json
 from ..errors import summary
-from .plans import (METADATA_FORMAT, MIN_TENSORRT_VERSION, TENSORRT_INSTALL_HINT, EngineError, rebuild_for,
+from .plans import (METADATA_FORMAT, MIN_TENSORRT_VERSION, TENSORRT_INSTALL_HINT, EngineError, _device_scope,
+                    load_engine, rebuild_for,
                     _onnx_header, check_engine_compatibility, check_onnx_unchanged, current_environment,
                     engine_metadata, find_plan, metadata_path, onnx_input_shapes, onnx_precision, plan_filename,
                     plan_path_for, plan_precision, read_engine_metadata, sanitize_gpu_name,
@@ -37,15 +38,6 @@ __all__ = ["BatchProfile", "DEFAULT_MAX_BATCH_IMAGES", "EngineError", "METADATA_
 
 
 # ---------------------------------------------------------------------------------------- build and load
-
-def _device_scope(device):
-    """Enters `device` (a CUDA torch device) for TensorRT calls, which act on the current device."""
-    import contextlib
-
-    import torch
-
-    return torch.cuda.device(device) if device is not None else contextlib.nullcontext()
-
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, *, min_batch: int | None = None,
                  opt_batch: int | None = None, max_batch: int | None = None,
@@ -152,33 +144,3 @@ def compare_with_onnxruntime(onnx_path: str | Path, plan_path: str | Path, feeds
                          "max_abs": float(np.abs(a - b).max()), "finite": finite,
                          "passed": finite and rel <= tolerance})
     return rows
-
-
-def load_engine(plan_path: str | Path, *, verify: bool = True, onnx_path: str | Path | None = None, device=None):
-    """Deserialises a plan on `device` (default: the current one) after checking its metadata against that GPU;
-    returns (runtime, engine, metadata). The runtime is returned because the engine must not outlive it.
-    """
-    reason = tensorrt_unavailable_reason(for_build=False)
-    if reason:
-        raise EngineError(f"cannot load a TensorRT engine: {reason}")
-    import tensorrt as trt
-
-    plan_path = Path(plan_path)
-    meta = read_engine_metadata(plan_path)
-    with _device_scope(device):
-        for warning in check_engine_compatibility(meta, current_environment(device), plan_path):
-            LOG.warning(f"warning: {warning}")
-        if verify:
-            verify_plan_file(plan_path, meta)
-        if onnx_path is not None:
-            check_onnx_unchanged(meta, onnx_path)
-        try:
-            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        except Exception as e:  # the bindings raise for some broken plans instead of returning None
-            raise EngineError(f"TensorRT could not deserialise {plan_path}: {summary(e)}; rebuild it with: "
-                              f"{rebuild_for(plan_path, meta)}") from None
-    if engine is None:
-        raise EngineError(f"TensorRT could not deserialise {plan_path} (see its log above); rebuild it with: "
-                          f"{rebuild_for(plan_path, meta)}")
-    return runtime, engine, meta

@@ -7,7 +7,10 @@ import re
 from pathlib import Path
 
 from ..hashing import sha256_file
-from ..errors import DitexportError
+from ..errors import DitexportError, summary
+from ..logs import get_logger
+
+LOG = get_logger("engine")
 
 
 METADATA_FORMAT = 1
@@ -267,3 +270,44 @@ def engine_metadata(*, plan_path: Path, plan_bytes: bytes, onnx_path: Path, envi
         "ditexport_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def _device_scope(device):
+    """Enters `device` (a CUDA torch device) for TensorRT calls, which act on the current device."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(device) if device is not None else contextlib.nullcontext()
+
+
+def load_engine(plan_path: str | Path, *, verify: bool = True, onnx_path: str | Path | None = None, device=None):
+    """Deserialises a plan on `device` (default: the current one) after checking its metadata against that GPU;
+    returns (runtime, engine, metadata). The runtime is returned because the engine must not outlive it.
+    """
+    reason = tensorrt_unavailable_reason(for_build=False)
+    if reason:
+        raise EngineError(f"cannot load a TensorRT engine: {reason}")
+    import tensorrt as trt
+
+    plan_path = Path(plan_path)
+    meta = read_engine_metadata(plan_path)
+    with _device_scope(device):
+        for warning in check_engine_compatibility(meta, current_environment(device), plan_path):
+            LOG.warning(f"warning: {warning}")
+        if verify:
+            verify_plan_file(plan_path, meta)
+        if onnx_path is not None:
+            check_onnx_unchanged(meta, onnx_path)
+        try:
+            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        except Exception as e:  # the bindings raise for some broken plans instead of returning None
+            raise EngineError(f"TensorRT could not deserialise {plan_path}: {summary(e)}; rebuild it with: "
+                              f"{rebuild_for(plan_path, meta)}") from None
+    if engine is None:
+        raise EngineError(f"TensorRT could not deserialise {plan_path} (see its log above); rebuild it with: "
+                          f"{rebuild_for(plan_path, meta)}")
+    return runtime, engine, meta
