@@ -88,13 +88,13 @@ def default_export_dir(model: str | None = None, checkpoint: str | Path | None =
     return Path(root) / export_name(model, checkpoint, size)
 
 
-def rebuild_command(export_dir: str | Path, model_flags: list[str] | None = None) -> str:
+def rebuild_command(export_dir: str | Path | None, model_flags: list[str] | None = None) -> str:
     """The build command that remakes an export: the model flags (the user's, or those recorded in its
-    manifest) and its directory, forced."""
+    manifest) and its directory (left out where it is not known: the default one of the flags), forced."""
     import shlex
 
     words = ["python -m ditexport build", *map(shlex.quote, model_flags or []),
-             "--export-dir", shlex.quote(str(export_dir)), "--force"]
+             *(["--export-dir", shlex.quote(str(export_dir))] if export_dir is not None else []), "--force"]
     return " ".join(words)
 
 

@@ -143,8 +143,7 @@ class ModelSource:
     def load_recorded(self, manifest: dict, rebuild: str | None = None, export_dir: str | Path | None = None) -> DiT:
         """The model of `from_manifest`, refusing weights whose SHA-256 changed since the export."""
         recorded = manifest.get("source") or {}
-        rebuild = rebuild or rebuild_command(export_dir or Path("exports") / str(manifest.get("name") or "NAME"),
-                                             manifest_flags(manifest))
+        rebuild = rebuild or rebuild_command(export_dir, manifest_flags(manifest))
         if self.kind == "module":
             raise ArtifactError("this export was built from a DiT given in memory, whose weights are not on file; "
                                 "build it again from Python with ditexport.build(model, export_dir, force=True)")

@@ -350,7 +350,7 @@ def test_a_tensorrt_comparison_that_cannot_run_costs_the_plans_not_the_export(te
 def test_engines_that_disagree_with_onnxruntime_are_discarded_and_the_export_stays_valid(tensorrt_here, tmp_path,
                                                                                          capsys):
     """A TensorRT mismatch: before issue 21 it made the ONNX validation fail, so every consumer refused the export."""
-    from ditexport.build import ensure_export
+    from ditexport.building import ensure_export
     from ditexport.model import create_model
 
     tensorrt_here.compare = lambda plan_path, feeds, tolerance: tensorrt_here.rows(plan_path, feeds, tolerance, 2.4e-2)

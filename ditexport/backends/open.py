@@ -60,14 +60,17 @@ def open_backend(kind: str, precision: str = "fp32", *, model=None, config=None,
 
 
 def export_manifest(export_dir: str | Path, rebuild_hint: str | None = None) -> dict:
-    """The manifest of the export a backend is to run, or one error saying how to build it."""
+    """The manifest of the export a backend is to run (once no build is writing it), or one error saying how to
+    build it."""
     from ..artifacts import MANIFEST_NAME, read_manifest, rebuild_command
+    from ..locking import read_lock
 
     export_dir = Path(export_dir)
-    if not (export_dir / MANIFEST_NAME).is_file():
-        command = (rebuild_hint or rebuild_command(export_dir)).removesuffix(" --force")
-        raise DitexportError(f"no ONNX export in {export_dir}; build it first with: {command}")
-    return read_manifest(export_dir, rebuild_hint)
+    with read_lock(export_dir):  # a build writing the export is waited for, then its result is read
+        if not (export_dir / MANIFEST_NAME).is_file():
+            command = (rebuild_hint or rebuild_command(export_dir)).removesuffix(" --force")
+            raise DitexportError(f"no ONNX export in {export_dir}; build it first with: {command}")
+        return read_manifest(export_dir, rebuild_hint)
 
 
 def _device(device: str | torch.device) -> torch.device:

@@ -86,7 +86,7 @@ def trace_to_onnx(module: nn.Module, sample: dict[str, torch.Tensor], output_nam
         raise ExportError(f"export with a batch of at least 2 so the batch axis stays dynamic, got {batch}")
     batch_dim = torch.export.Dim("batch", min=1, max=65536)
     dynamic_shapes = {name: {0: batch_dim} for name in sample}
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # each restored as it was (a wrapper is born training)
     module.eval()
     # The exporter logs a warning per torchvision op it cannot register; none of them is used here.
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -102,7 +102,8 @@ def trace_to_onnx(module: nn.Module, sample: dict[str, torch.Tensor], output_nam
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"torch.onnx.export failed for {what}: {first_line}") from e
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
         registration_log.setLevel(level)
     # Through a file rather than `program.model_proto`: the exporter's own copy of the weights is freed before
     # the ModelProto is built, so the two never sit in memory together (DiT-XL/2: 2.7 GB each).
