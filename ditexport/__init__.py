@@ -8,6 +8,8 @@
 The names below are imported on first use, so `import ditexport` (and the CLI's `--help`) does not load torch.
 """
 
+from .lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
@@ -21,15 +23,7 @@ _API = {
 
 __all__ = ["__version__", *_API]
 
-
-def __getattr__(name: str):
-    if name in _API:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ditexport' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, globals(), _API)
 
 
 def __dir__():

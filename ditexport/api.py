@@ -12,10 +12,10 @@ Every command of `python -m ditexport` is an adapter over these functions. They 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from .artifacts import REPORT_NAME, ArtifactError, default_export_dir, rebuild_command
+from .artifacts import REPORT_NAME, ArtifactError, ExportEntry, default_export_dir, rebuild_command
 from .errors import DitexportError
 from .logs import get_logger
 from .settings import BuildSettings
@@ -63,16 +63,9 @@ def _source_and_model(model_or_source, image_size, config):
 #                                    Exports                                    #
 #################################################################################
 
-@dataclass
-class Export:
-    """One complete export directory: its manifest, its validation report, and the runtimes that can run it."""
-    path: Path
-    manifest: dict
-
-    @property
-    def name(self) -> str:
-        """The export directory's name (the model is `manifest["model"]`)."""
-        return self.path.name
+class Export(ExportEntry):
+    """One complete export directory: its manifest (`path`, `manifest`, `name`, `graph_path` of `ExportEntry`), its
+    validation report, and the runtimes that can run it."""
 
     @property
     def config(self):
@@ -84,7 +77,7 @@ class Export:
     @property
     def passed(self) -> bool:
         """Whether the graphs passed validation (TensorRT parity, which concerns the plans only, is not part of it)."""
-        return bool((self.manifest.get("validation") or {}).get("passed"))
+        return self.validated
 
     @property
     def engine(self) -> dict:
@@ -111,10 +104,8 @@ class Export:
         return {name: self.path / name for name in self.manifest.get("files", {})}
 
     def graph(self, graph: str = "xty", precision: str = "fp32") -> Path | None:
-        """The ONNX file of a graph ("xty" or "cond") in a precision, when the export has it."""
-        from .artifacts import ExportEntry
-
-        return ExportEntry(self.path, self.manifest).graph_path(graph, precision)
+        """The ONNX file of a graph ("xty", "cond" or "vae") in a precision, when the export has it."""
+        return self.graph_path(graph, precision)
 
     def backend(self, kind: str = "onnxruntime", precision: str = "fp32", **options):
         """A backend running this export (`ditexport.backends.open.open_export_backend`): "onnxruntime",

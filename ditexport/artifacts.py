@@ -271,10 +271,12 @@ class ExportEntry:
 
     @property
     def name(self) -> str:
+        """The export directory's name (the model is `manifest["model"]`)."""
         return self.path.name
 
     @property
     def validated(self) -> bool:
+        """Whether the manifest says the graphs passed validation."""
         return bool((self.manifest.get("validation") or {}).get("passed"))
 
     def graph_path(self, graph: str = "xty", precision: str = "fp32") -> Path | None:

@@ -117,6 +117,17 @@ def model_feeds(cfg, batches, device="cpu", seed=0):
     return feeds
 
 
+def tiny_vae(seed: int, latent_channels: int = 4, sample_size: int = 8):
+    """A random diffusers AutoencoderKL small enough for tests: two blocks (8 and 16 channels), so images are twice
+    the latents' side."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=4, sample_size=sample_size)
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on now, for a server a test starts."""
     import socket

@@ -5,22 +5,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("diffusers", reason="the VAE needs diffusers (pip install 'ditexport[vae]')")
 
 import ditexport  # noqa: E402
+from conftest import tiny_vae  # noqa: E402
 from ditexport.cli import main  # noqa: E402
 from ditexport.validate import psnr  # noqa: E402
-
-
-def tiny_vae(seed: int, latent_channels: int = 4):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 16),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         layers_per_block=1, norm_num_groups=4, sample_size=16)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("diffusers", reason="the VAE export needs diffusers (pip install 'ditexport[vae]')")
 
+from conftest import tiny_vae  # noqa: E402
 from ditexport.cli import main  # noqa: E402
 from ditexport.pipeline import VAE_SCALE, VaeDecoder  # noqa: E402
 from ditexport.artifacts import vae_onnx_filename  # noqa: E402
@@ -15,15 +16,6 @@ from ditexport.validate.vae import validate_vae_decoder  # noqa: E402
 from ditexport.vae import REPORT_NAME, VaeExportError, export_vae, load_vae, vae_scale_factor  # noqa: E402
 
 LATENT = 4  # 4x4 latents -> 8x8 images with two decoder blocks
-
-
-def tiny_vae(seed: int):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         layers_per_block=1, norm_num_groups=4, sample_size=8)
 
 
 @pytest.fixture(scope="module")

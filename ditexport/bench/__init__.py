@@ -4,6 +4,8 @@ The method is `settings.METHOD`, which every report records.
 """
 from __future__ import annotations
 
+from ..lazy import lazy_exports
+
 # name -> the module that defines it; imported on first use, so that the CLI's parser reads `settings` without torch
 _NAMES = {
     "BenchContext": "backends", "make_bench_backend": "backends",
@@ -18,12 +20,4 @@ _NAMES = {
 
 __all__ = list(_NAMES)
 
-
-def __getattr__(name: str):
-    if name in _NAMES:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, globals(), _NAMES)
