@@ -94,6 +94,10 @@ class SamplerConfig:
             value = getattr(self, name)
             if not (isinstance(value, numbers.Real) and math.isfinite(value)):
                 raise SamplerConfigError(name, f"{name} must be a finite number, got {value!r}")
+        # DDIM's sigma is eta times the DDPM posterior's: above 1 its noise outgrows the step and the chain turns
+        # NaN; below 0 it is not DDIM. Refused for every method, where every caller passes.
+        if not 0.0 <= self.eta <= 1.0:
+            raise SamplerConfigError("eta", f"eta must be between 0 and 1 (DDIM), got {self.eta!r}")
 
 
 class SamplerConfigError(UsageError):
