@@ -28,6 +28,7 @@ log = logging.getLogger("ditexport.serving")
 IMAGES = b"/v1/images"
 HEALTH_TIMEOUT_S = 5.0  # /healthz and /v1/models answer in milliseconds; longer means the replica is gone
 DRAIN_WINDOW_S = 30.0
+LINGER_S, LINGER_BYTES = 2.0, 2**24
 # What the front passes on: the rest (hop-by-hop headers, Expect, the client's own Content-Length) it sets itself.
 FORWARDED = {b"content-type", b"accept", b"user-agent", b"x-request-id"}
 
@@ -158,7 +159,7 @@ class HttpFront:
                     if e.field:
                         answer["field"] = e.field
                     retry = {"Retry-After": e.retry_after} if e.retry_after is not None else {}
-                    await self._send_raw(writer, *json_response(e.status, answer, retry, close=True))
+                    await self._send_raw(writer, *json_response(e.status, answer, retry, close=True), reader=reader)
                     return
                 if conn.our_state is not h11.SEND_RESPONSE:
                     return  # the client went away while we waited
@@ -351,13 +352,23 @@ class HttpFront:
         return reader, writer, h11.Connection(h11.CLIENT, max_incomplete_event_size=2**20)
 
     @staticmethod
-    async def _send_raw(writer, status: int, headers: list, body: bytes) -> None:
+    async def _send_raw(writer, status: int, headers: list, body: bytes, reader=None) -> None:
         head = f"HTTP/1.1 {status} ".encode() + reason(status) + b"\r\n"
         head += b"".join(k + b": " + v + b"\r\n" for k, v in headers)
         try:
             writer.write(head + b"\r\n" + body)
             await writer.drain()
-        except ConnectionError:
+            if reader is not None and writer.can_write_eof():
+                # A lingering close: a client still sending (a refused 200 MB body) reads the answer before the
+                # close resets the connection; at most LINGER_S and LINGER_BYTES of its data are discarded.
+                writer.write_eof()
+                deadline, discarded = time.monotonic() + LINGER_S, 0
+                while discarded < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+                    data = await asyncio.wait_for(reader.read(65536), left)
+                    if not data:
+                        break
+                    discarded += len(data)
+        except (ConnectionError, asyncio.TimeoutError):
             pass
         finally:
             writer.close()
