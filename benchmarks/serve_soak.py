@@ -130,8 +130,17 @@ def listening_sockets(root: int) -> list[dict]:
             inode = link[8:-1] if link.startswith("socket:[") else None
             if inode in listening:
                 address, port = listening[inode]
-                rows.append({"process": process_name(pid), "pid": pid, "address": address, "port": port})
+                rows.append({"process": process_name(pid), "pid": pid, "address": address, "port": port,
+                             "token_auth": token_auth(pid)})
     return sorted(rows, key=lambda r: (r["process"], r["port"]))
+
+
+def token_auth(pid: int) -> bool:
+    """Whether the process runs with Ray's token authentication on (RAY_AUTH_MODE=token in its environment)."""
+    try:
+        return b"RAY_AUTH_MODE=token" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
 
 
 def decode_address(hex_address: str, family: int) -> str:
@@ -493,7 +502,8 @@ def main(argv=None) -> int:
                                                              args.steps, retry=True))
             report["overload"]["peak_rss_mb"] = {k: round(v, 1) for k, v in memory.peak.items()}
         if "hostile" in phases:
-            timeouts = {"header": 10.0, "body": 10.0}
+            timeouts = {"header": flag_value(extra, "--header-timeout-s", ServiceLimits.header_timeout_s),
+                        "body": flag_value(extra, "--body-timeout-s", ServiceLimits.body_timeout_s)}
             with MemoryWatch(proc.pid) as memory:
                 report["hostile"] = asyncio.run(hostile(port, args.slow, args.partial, args.big_bodies, args.big_mb,
                                                         timeouts))
@@ -508,13 +518,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def flag_value(flags: list[str], name: str, default: float) -> float:
+    return float(flags[flags.index(name) + 1]) if name in flags else default
+
+
 def print_report(r: dict) -> None:
     print(f"serve: {r['ready']}")
     if "listeners" in r:
-        print("\n| process | pid | address | port | loopback |\n|---|---:|---|---:|---|")
+        print("\n| process | pid | address | port | loopback | Ray token auth |\n|---|---:|---|---:|---|---|")
         for row in r["listeners"]:
             print(f"| {row['process']} | {row['pid']} | {row['address']} | {row['port']} | "
-                  f"{'yes' if is_loopback(row['address']) else '**no**'} |")
+                  f"{'yes' if is_loopback(row['address']) else '**no**'} | {'on' if row['token_auth'] else 'off'} |")
     if "crowd" in r:
         c = r["crowd"]
         print(f"\ncrowd: {c['clients']} one-image requests at once: statuses {c['statuses']}, slowest answer "
