@@ -106,13 +106,13 @@ def build_app(settings: ServeSettings, num_replicas: int = 1):
 def start_local_ray(address: str | None = None, port: int = 8000, host: str = "127.0.0.1",
                     keep_alive_timeout_s: float | None = None):
     """Joins `address`, or starts a private Ray whose every listener Ray lets us bind is on loopback (no
-    dashboard, no usage stats, token authentication on); starts Serve's HTTP proxy on host:port."""
+    dashboard, no usage stats; Ray turns its token authentication on for a new local cluster unless RAY_AUTH_MODE
+    says otherwise); starts Serve's HTTP proxy on host:port."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not address:
         # Ray resolves a node address of 127.0.0.1 to the machine's address unless this is 0; with the node on
         # 127.0.0.1, GCS, raylet, workers and agents listen on loopback only (docs/serve.md lists the rest).
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray, serve = ray_serve()
     if address:
         ray.init(address=address, log_to_driver=False)
