@@ -385,13 +385,25 @@ async def big_body(port: int, megabytes: int, chunked: bool) -> tuple[int, float
             pass
 
     sender = asyncio.ensure_future(send())
-    try:
-        raw = await asyncio.wait_for(reader.read(), 60)
-    except (asyncio.TimeoutError, ConnectionError, OSError):
-        raw = b""
+    raw = await read_until_closed(reader, 60)
     sender.cancel()
     writer.close()
     return parse_response(raw)[0], time.perf_counter() - start
+
+
+async def read_until_closed(reader: asyncio.StreamReader, limit_s: float) -> bytes:
+    """What the server sent until it closed, reset or `limit_s` passed: a server that refuses a body it is still
+    being sent may reset the connection after its answer, which is kept."""
+    raw, deadline = b"", time.perf_counter() + limit_s
+    try:
+        while (left := deadline - time.perf_counter()) > 0:
+            chunk = await asyncio.wait_for(reader.read(65536), left)
+            if not chunk:
+                break
+            raw += chunk
+    except (asyncio.TimeoutError, ConnectionError, OSError):
+        pass
+    return raw
 
 
 async def hostile(port: int, n_slow: int, n_partial: int, n_big: int, big_mb: int, timeouts: dict) -> dict:
