@@ -43,10 +43,13 @@ DIGITS = [str(i) for i in range(10)]
     (b'{"class_labels": [1], "x": 1}', "x"),
     (b"\xff", "body"),
 ])
-def test_every_bad_body_is_a_request_error_naming_its_field(body, field):
+def test_every_bad_body_is_a_request_error_naming_its_field(backend, body, field):
+    """Refused by parsing or by the engine's admission check, both before any step runs."""
+    engine = BatchingEngine(backend)
     with pytest.raises(RequestError) as refused:
-        parse_image_request(body, 10, DIGITS, RequestLimits())
+        engine.submit(parse_image_request(body, 10, DIGITS, RequestLimits()))
     assert refused.value.field == field, str(refused.value)
+    assert engine.queue_depth == 0 and engine.steps_run == 0
 
 
 def test_the_depth_check_is_linear_and_strings_do_not_count():

@@ -36,8 +36,8 @@ def sampler_config(args):
                              guide_all_channels=args.guide_all_channels)
     except SamplerConfigError as e:
         flag = SAMPLER_FLAGS.get(e.field, e.field)
-        message = str(e)  # "eta must be ...": the flag's name instead of the field's
-        raise DitexportError(flag + message[len(e.field):] if message.startswith(e.field) else message) from None
+        raise DitexportError(f"{flag} must be a finite number, got {getattr(args, flag[2:].replace('-', '_'))}") \
+            from None
 
 
 def check_seed_flag(seed: int) -> None:

@@ -143,10 +143,20 @@ class DemoService:
         return entry
 
     def generate(self, request: GenerateRequest, progress: bool = True, on_wait=None) -> GenerateResponse:
-        """Validates, waits for a slot on the runtime, samples, and returns displayable images.
+        """Validates, waits for a slot on the runtime, samples, and returns displayable images; refuses at once
+        (DemoBusyError) while `limits.max_queue` requests are running or waiting.
 
         `on_wait(message)` is called before waiting for a busy runtime (the UI shows it).
         """
+        if not self._admitted.acquire(blocking=False):
+            raise DemoBusyError(f"the demo is busy: {self.limits.max_queue} requests are already running or "
+                                "waiting; try again in a few seconds")
+        try:
+            return self._generate(request, progress, on_wait)
+        finally:
+            self._admitted.release()
+
+    def _generate(self, request: GenerateRequest, progress: bool, on_wait) -> GenerateResponse:
         r = request
         entry = self.check(r)
         backend = self.backend(r.model, r.backend)
@@ -158,22 +168,16 @@ class DemoService:
 
             runner = BlendedConditionBackend(backend, entry.condition_embedder(), int(r.blend_class),
                                              float(r.blend_weight))
-        if not self._admitted.acquire(blocking=False):
-            raise DemoBusyError(f"the demo is busy: {self.limits.max_queue} requests are already running or "
-                                "waiting; try again in a few seconds")
+        slot = self._slots[runtime]
+        if not slot.acquire(blocking=False):
+            if on_wait is not None:
+                on_wait(f"waiting for the {runtime} backend (busy with another request)")
+            slot.acquire()
         try:
-            slot = self._slots[runtime]
-            if not slot.acquire(blocking=False):
-                if on_wait is not None:
-                    on_wait(f"waiting for the {runtime} backend (busy with another request)")
-                slot.acquire()
-            try:
-                result = Pipeline(runner, self.decoder)([int(r.class_index)] * int(r.num_images), seed=int(r.seed),
-                                                        sampler_cfg=sampler_cfg, progress=progress)
-            finally:
-                slot.release()
+            result = Pipeline(runner, self.decoder)([int(r.class_index)] * int(r.num_images), seed=int(r.seed),
+                                                    sampler_cfg=sampler_cfg, progress=progress)
         finally:
-            self._admitted.release()
+            slot.release()
         captions = [self._caption(entry, r, i) for i in range(len(result.labels))]
         return GenerateResponse(images=self.displayable(result.images), captions=captions, result=result,
                                 summary=self._summary(entry, r, result))
