@@ -374,26 +374,29 @@ async def big_body(port: int, megabytes: int, chunked: bool) -> tuple[int, float
     head = f"POST /v1/images HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
     head += "Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {size}\r\n"
     block = b"0" * 2**20
+    answered = asyncio.Event()
 
-    async def send():
+    async def send():  # as curl does: stop sending once the server has answered
         try:
             writer.write(head.encode() + b"\r\n")
             for _ in range(megabytes):
+                if answered.is_set():
+                    return
                 writer.write(b"100000\r\n" + block + b"\r\n" if chunked else block)
                 await writer.drain()
         except (ConnectionError, OSError):
             pass
 
     sender = asyncio.ensure_future(send())
-    raw = await read_until_closed(reader, 60)
+    raw = await read_until_closed(reader, 60, answered)
     sender.cancel()
     writer.close()
     return parse_response(raw)[0], time.perf_counter() - start
 
 
-async def read_until_closed(reader: asyncio.StreamReader, limit_s: float) -> bytes:
+async def read_until_closed(reader: asyncio.StreamReader, limit_s: float, answered=None) -> bytes:
     """What the server sent until it closed, reset or `limit_s` passed: a server that refuses a body it is still
-    being sent may reset the connection after its answer, which is kept."""
+    being sent may reset the connection after its answer, which is kept. Sets `answered` at the first byte."""
     raw, deadline = b"", time.perf_counter() + limit_s
     try:
         while (left := deadline - time.perf_counter()) > 0:
@@ -401,6 +404,8 @@ async def read_until_closed(reader: asyncio.StreamReader, limit_s: float) -> byt
             if not chunk:
                 break
             raw += chunk
+            if answered is not None:
+                answered.set()
     except (asyncio.TimeoutError, ConnectionError, OSError):
         pass
     return raw

@@ -28,7 +28,7 @@ log = logging.getLogger("ditexport.serving")
 IMAGES = b"/v1/images"
 HEALTH_TIMEOUT_S = 5.0  # /healthz and /v1/models answer in milliseconds; longer means the replica is gone
 DRAIN_WINDOW_S = 30.0
-LINGER_S, LINGER_BYTES = 2.0, 2**24
+LINGER_S, LINGER_BYTES = 2.0, 2**26
 # What the front passes on: the rest (hop-by-hop headers, Expect, the client's own Content-Length) it sets itself.
 FORWARDED = {b"content-type", b"accept", b"user-agent", b"x-request-id"}
 
