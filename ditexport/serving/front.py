@@ -39,6 +39,10 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
+class ClientGone(Exception):
+    """The client closed its connection while its request was being answered (its request is cancelled)."""
+
+
 class Refusal(Exception):
     """An answer decided before forwarding: (status, message, field, Retry-After); the connection closes."""
 
@@ -171,7 +175,7 @@ class HttpFront:
                     conn.start_next_cycle()
                 else:
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, h11.LocalProtocolError):
+        except (ClientGone, ConnectionError, asyncio.IncompleteReadError, h11.LocalProtocolError):
             return
         finally:
             self.connections -= 1
@@ -305,7 +309,7 @@ class HttpFront:
                 data = watch.result()
                 if not data:
                     upstream.cancel()
-                    raise ConnectionResetError("the client went away")
+                    raise ClientGone()
                 conn.receive_data(data)  # a pipelined request: h11 keeps it for the next cycle
             return await upstream
         finally:
