@@ -49,10 +49,10 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_limit_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+def add_limit_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One `--flag` per field of the limits dataclass `cls`, its default and help read from the field."""
     for f in fields(cls):
-        if f.name in skip or "help" not in f.metadata:
+        if "help" not in f.metadata:
             continue
         default = None if f.default is MISSING else f.default
         kind = float if isinstance(default, float) else int

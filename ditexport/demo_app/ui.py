@@ -70,7 +70,8 @@ def build_app(service: DemoService):
                     sampler = gr.Radio(list(SAMPLING_METHODS), value=GenerateRequest.sampler, label="Sampler")
                     steps = gr.Number(GenerateRequest.steps, label=f"Steps (1-{limits.max_steps})")
                 with gr.Row():
-                    guidance = gr.Slider(1.0, limits.max_guidance, value=GenerateRequest.guidance, step=0.25, label="Guidance scale")
+                    guidance = gr.Slider(1.0, limits.max_guidance, value=GenerateRequest.guidance, step=0.25,
+                                         label="Guidance scale")
                     num_images = gr.Number(GenerateRequest.num_images, label=f"Images (1-{limits.max_images})")
                 with gr.Row():
                     seed = gr.Number(GenerateRequest.seed, label="Seed")

@@ -76,7 +76,6 @@ class HttpFront:
         self.capacity, self.body_limit = capacity, body_limit
         self.connections = 0  # open client connections
         self.inflight = 0  # image requests forwarded and not yet answered
-        self.refused = 0  # image requests answered 503 by the front's admission
         self._finished_at: deque[float] = deque(maxlen=1024)
         self._idle: list = []  # upstream keep-alive connections: (reader, writer, h11 client)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -255,7 +254,6 @@ class HttpFront:
             request_id = uuid.uuid4().hex
         image = request.method == b"POST" and path == IMAGES
         if image and self.inflight >= self.capacity:
-            self.refused += 1
             return json_response(503, {"error": f"the service is full ({self.inflight} requests running or "
                                                 f"waiting); retry later", "request_id": request_id},
                                  {"Retry-After": self.retry_after(), "X-Request-ID": request_id})

@@ -29,7 +29,7 @@ def build_app(settings: ServeSettings, num_replicas: int = 1):
 
     api = FastAPI(title="ditexport")
     on_gpu = settings.backend == "tensorrt" or settings.device.startswith("cuda")
-    engine_capacity = settings.service.max_queue + settings.service.max_running_images
+    engine_capacity = settings.service.capacity(1)  # image requests one replica holds, running or waiting
 
     # max_ongoing_requests: the engine's own bound (which answers 503 at once) plus headroom, so that /healthz
     # never waits behind image work; max_queued_requests: the bound of Ray's proxy ahead of the replicas.
