@@ -295,7 +295,7 @@ async def closed_loop(port: int, clients: int, seconds: float, images: int, step
     Retry-After, with jitter, when `retry`), for `seconds`; the rate of 200s over the run."""
     rng = random.Random(seed)
     deadline = time.perf_counter() + seconds
-    ok_times, latencies, statuses = [], [], {}
+    ok_times, latencies, statuses, retry_after = [], [], {}, {}
 
     async def client():
         while time.perf_counter() < deadline:
@@ -305,6 +305,8 @@ async def closed_loop(port: int, clients: int, seconds: float, images: int, step
                 ok_times.append(time.perf_counter())
                 latencies.append(took)
             elif status == 503 and retry:
+                value = headers.get("retry-after", "none")
+                retry_after[value] = retry_after.get(value, 0) + 1
                 wait = float(headers.get("retry-after", "1"))
                 await asyncio.sleep(min(wait, max(0.0, deadline - time.perf_counter())) * rng.uniform(0.5, 1.5))
             elif status != 503:
@@ -315,6 +317,7 @@ async def closed_loop(port: int, clients: int, seconds: float, images: int, step
     span = (max(ok_times) - began) if ok_times else seconds
     return {"clients": clients, "images": images, "seconds": round(time.perf_counter() - began, 1),
             "ok": len(ok_times), "ok_per_s": round(len(ok_times) / span, 2), "statuses": statuses,
+            "retry_after": dict(sorted(retry_after.items())),
             "p50_s": round(percentile(latencies, 0.5), 3), "p99_s": round(percentile(latencies, 0.99), 3)}
 
 
@@ -558,7 +561,7 @@ def print_report(r: dict) -> None:
             t = r[name]
             print(f"{name}: {t['clients']} closed-loop clients (503s retried after Retry-After) for {t['seconds']} s: "
                   f"{t['ok']} answered 200, {t['ok_per_s']} per s, p50 {t['p50_s']} s, p99 {t['p99_s']} s, "
-                  f"statuses {t['statuses']}")
+                  f"statuses {t['statuses']}, Retry-After values {t['retry_after']}")
     if "hostile" in r:
         h = r["hostile"]
         wrong = [a for a in h["malformed"]["answers"] if a["status"] != 400 or a["got_field"] != a["field"]]
