@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ditexport.serving.service import ServeSettings, build_app, shutdown, start_local_ray  # noqa: E402
+from ditexport.serving.service import build_app, shutdown, start_local_ray  # noqa: E402
+from ditexport.serving.settings import ServeSettings, ServiceLimits  # noqa: E402
 
 MODES = ("continuous", "request-batch", "single")
 
@@ -162,8 +163,9 @@ def main(argv=None) -> int:
     rows = []
     try:
         for mode in args.modes.split(","):
-            settings = ServeSettings(export_dir=args.export_dir, backend="onnxruntime", max_queue=args.max_queue,
-                                     max_running_images=args.max_running_images, mode=mode, threads=args.threads)
+            service = ServiceLimits(max_queue=args.max_queue, max_running_images=args.max_running_images)
+            settings = ServeSettings(export_dir=args.export_dir, backend="onnxruntime", service=service, mode=mode,
+                                     threads=args.threads)
             started = time.perf_counter()
             serve.run(build_app(settings), name="ditexport", route_prefix="/", blocking=False)
             url = f"http://127.0.0.1:{port}/v1/images"

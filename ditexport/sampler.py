@@ -84,6 +84,8 @@ class Sampler:
         if cfg.num_steps < 1 or cfg.num_steps > diffusion_steps:
             raise SamplerConfigError("num_steps", f"steps must be between 1 and {diffusion_steps}, "
                                                   f"got {cfg.num_steps}")
+        if not 0.0 <= cfg.eta <= 1.0:  # above 1, DDIM's noise outgrows its step and the chain turns NaN
+            raise SamplerConfigError("eta", f"eta must be between 0 and 1 (DDIM), got {cfg.eta!r}")
         self.cfg = cfg
         self.in_channels = in_channels
         self.null_class = num_classes

@@ -96,6 +96,42 @@ def test_requests_for_a_busy_backend_wait_for_it(service):
     assert len(results) == 1 and len(results[0].images) == 4
 
 
+def test_the_demo_refuses_beyond_its_queue_bound_with_a_busy_message():
+    """DemoLimits.max_queue requests may be running or waiting at once, all runtimes together; one more is told
+    at once that the demo is busy (the bound Gradio's queue also has), instead of waiting minutes."""
+    from ditexport.demo_app import DemoBusyError
+
+    service = DemoService([builtin_entry()], DemoLimits(max_queue=2))
+    slot = service._slots["torch"]
+    slot.acquire()  # a request holds the torch backend; the next two wait for it
+    waiting, results = threading.Semaphore(0), []
+    workers = [threading.Thread(target=lambda: results.append(service.generate(
+        GenerateRequest(**QUICK), progress=False, on_wait=lambda _: waiting.release()))) for _ in range(2)]
+    try:
+        for worker in workers:
+            worker.start()
+        assert waiting.acquire(timeout=60) and waiting.acquire(timeout=60)
+        start = time.perf_counter()
+        with pytest.raises(DemoBusyError, match="the demo is busy: 2 requests are already running or waiting; "
+                                                "try again in a few seconds"):
+            service.generate(GenerateRequest(**QUICK), progress=False)
+        assert time.perf_counter() - start < 1.0
+    finally:
+        slot.release()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert len(results) == 2
+    assert len(service.generate(GenerateRequest(**QUICK), progress=False).images) == 4  # room again
+    service.close()
+
+
+def test_the_gradio_queue_has_the_demos_bound(service):
+    from ditexport.demo_app.ui import build_app
+
+    app = build_app(DemoService([builtin_entry()], DemoLimits(max_queue=7)))
+    assert app._queue.max_size == 7
+
+
 # ---------------------------------------------------------------------------------- the command line
 
 def test_demo_command_binds_localhost_and_does_not_share_by_default():
@@ -307,6 +343,8 @@ def test_failed_and_damaged_exports_are_not_served_and_rejections_log_no_traceba
         client.predict(model="exports/flipped", **request, api_name="/generate")
     with pytest.raises(AppError, match="unknown model 'exports/failed'"):
         client.predict(model="exports/failed", **request, api_name="/generate")
+    with pytest.raises(AppError, match="model must be a string"):
+        client.predict(model=5, **request, api_name="/generate")
     bad = [(dict(steps=5000), "steps must be between 1 and 300 on this server, got 5000"),
            (dict(class_index=42), r"class must be in 0\.\.9 for exports/digits, got 42"),
            (dict(sampler="euler"), "sampler must be one of ddpm, ddim, dpmpp-2m, got 'euler'"),
@@ -314,7 +352,12 @@ def test_failed_and_damaged_exports_are_not_served_and_rejections_log_no_traceba
            (dict(num_images=0.5), "number of images must be a whole number, got 0.5"),
            (dict(blend_weight=2.0, blend_class=1), r"blend must be between 0\.0 and 1\.0 on this server, got 2\.0"),
            (dict(backend="tensorrt (fp16)"), r"backend 'tensorrt \(fp16\)' cannot run exports/digits here; "
-                                             r"available: torch \(fp32\), onnxruntime \(fp32\)")]
+                                             r"available: torch \(fp32\), onnxruntime \(fp32\)"),
+           # Values of the wrong type from the API: a message, not a Python error and a logged traceback.
+           (dict(backend=["onnxruntime (fp32)"]), r"backend must be a string \(a menu choice\), got \['onnx"),
+           (dict(sampler={"name": "ddpm"}), "sampler must be a string"),
+           (dict(guidance=10**400), "guidance scale must be a number a float can hold"),
+           (dict(steps=[12]), r"steps must be a number, got \[12\]")]
     for change, message in bad:
         with pytest.raises(AppError, match=message):
             client.predict(model="exports/digits", **{**request, **change}, api_name="/generate")

@@ -39,6 +39,9 @@ def exports(digits_export, tmp_path_factory) -> Path:
     (["--cfg-scale=-inf"], ["--cfg-scale", "finite"]),
     (["--sampler", "ddim", "--eta", "nan"], ["--eta", "finite"]),
     (["--sampler", "ddim", "--eta", "inf"], ["--eta", "finite"]),
+    # DDIM above eta 1 turns NaN after the whole chain (exit 2 at the PNG): refused first, as `serve` refuses it.
+    (["--sampler", "ddim", "--eta", "1.5"], ["eta must be between 0 and 1", "1.5"]),
+    (["--sampler", "ddim", "--eta=-0.5"], ["eta must be between 0 and 1"]),
     (["--seed", str(2**70)], ["--seed", str(2**70)]),
     (["--classes", ","], ["--classes", "no class label"]),
     (["--classes", "12"], ["class labels must be in 0..9"]),

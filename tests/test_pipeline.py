@@ -84,6 +84,17 @@ def test_sampler_config_refuses_non_finite_numbers(field, value):
     assert info.value.field == field
 
 
+@pytest.mark.parametrize("eta", [1.0000001, 1.5, 10, 1e308, -1e-9, -1e308])
+def test_the_sampler_refuses_eta_outside_0_to_1(eta):
+    from ditexport.sampler import Sampler
+
+    with pytest.raises(SamplerConfigError, match="eta must be between 0 and 1") as info:
+        Sampler(SamplerConfig(method="ddim", eta=eta), 1, 10)
+    assert info.value.field == "eta"
+    for ends in (0.0, 1.0):  # DDIM and DDPM's variance
+        Sampler(SamplerConfig(method="ddim", eta=ends), 1, 10)
+
+
 def test_non_finite_model_outputs_reach_the_result_unclamped(model):
     broken = create_model("DiT-tiny/2", seed=0)
     with torch.no_grad():

@@ -81,3 +81,45 @@ def test_the_load_benchmark_runs_all_three_modes_and_answers_every_request(digit
     assert rows["continuous"]["rows_per_forward"] > 2.0  # 8 requests at 200/s overlap: they share forwards
     assert set(result["forward_ms_per_row"]) == {"2", "16"} and min(result["forward_ms_per_row"].values()) > 0
     assert "Best achieved requests/s with p99 at most" in done.stdout
+
+
+def test_every_limit_flag_of_serve_and_demo_defaults_to_its_dataclass_field():
+    """Each default is declared once: the flags of `serve` and `demo` read the fields of RequestLimits,
+    ServiceLimits and DemoLimits, and `serve` builds its settings from the flags with nothing changed."""
+    from dataclasses import fields
+
+    from ditexport.cli.parser import build_parser
+    from ditexport.limits import DemoLimits, RequestLimits
+    from ditexport.serving.command import limits_of
+    from ditexport.serving.settings import ServeSettings, ServiceLimits
+
+    parser = build_parser()
+    serve = parser.parse_args(["serve", "--export-dir", "x"])
+    demo = parser.parse_args(["demo"])
+    checked = 0
+    for args, classes in ((serve, (RequestLimits, ServiceLimits)), (demo, (DemoLimits,))):
+        for cls in classes:
+            for f in fields(cls):
+                assert getattr(args, f.name) == f.default, (args.command, f.name)
+                checked += 1
+            assert limits_of(args, cls) == cls()
+    assert checked == 3 + 10 + 5
+    for name in ("backend", "precision", "device"):
+        assert getattr(serve, name) == getattr(ServeSettings, name)
+    help_text = parser._subparsers._group_actions[0].choices["serve"].format_help()
+    assert "(default: 16384)" in help_text and "(default: 60.0)" in help_text and "(default: 32)" in help_text
+
+
+def test_a_limit_flag_refuses_zero_and_non_numbers(capsys):
+    from ditexport.cli import main
+
+    assert main_exit(main, ["serve", "--export-dir", "x", "--max-queue", "0"]) == 2
+    assert "must be above 0" in capsys.readouterr().err
+    assert main_exit(main, ["demo", "--max-guidance", "inf"]) == 2
+
+
+def main_exit(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)

@@ -16,16 +16,32 @@ from ditexport.images import to_uint8  # noqa: E402
 from ditexport.pipeline import Pipeline  # noqa: E402
 from ditexport.sampler import SamplerConfig  # noqa: E402
 from ditexport.serving.backend import open_served_backend  # noqa: E402
-from ditexport.serving.service import ServeSettings, deploy, shutdown  # noqa: E402
+from ditexport.limits import RequestLimits  # noqa: E402
+from ditexport.serving.service import deploy, shutdown  # noqa: E402
+from ditexport.serving.settings import ServeSettings, ServiceLimits  # noqa: E402
 
 SAMPLERS = [dict(sampler="ddim"), dict(sampler="ddpm"), dict(sampler="dpmpp-2m"), dict(sampler="ddim", eta=0.5)]
 
 
 @pytest.fixture(scope="module")
-def service(digits_export, one_torch_thread):
+def served_export(digits_export, tmp_path_factory):
+    """The digits export as `build --export-dir .../elsewhere` writes it: the manifest's `name` is the directory's,
+    its `model` is digits (the service took its class names from the name, and refused the digits it advertised)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("served") / "elsewhere"
+    shutil.copytree(digits_export, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "name": "elsewhere"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def service(served_export, one_torch_thread):
     port = free_port()
-    settings = ServeSettings(export_dir=str(digits_export), backend="onnxruntime", max_batch=8, max_queue=2,
-                             max_running_images=16, max_images=8, max_steps=200)
+    settings = ServeSettings(export_dir=str(served_export), backend="onnxruntime", max_batch=8,
+                             limits=RequestLimits(max_images=8, max_steps=200),
+                             service=ServiceLimits(max_queue=2, max_running_images=16))
     seconds = deploy(settings, port=port)
     print(f"service started in {seconds:.1f} s")
     try:
@@ -90,9 +106,10 @@ def test_bad_requests_are_4xx_naming_the_field(service, body, field):
     assert status == 400 and answer["field"] == field, answer
 
 
-def test_class_names_are_accepted(service):
-    status, _, answer = call(service + "/v1/images", {"class_labels": ["3", 1], "steps": 2, "guidance_scale": 1})
-    assert status == 200 and answer["sampler"] == "ddpm" and len(answer["images"]) == 2
+def test_the_class_names_advertised_are_accepted(service):
+    names = call(service + "/v1/models")[2]["models"][0]["class_names"]
+    status, _, answer = call(service + "/v1/images", {"class_labels": [names[3], 1], "steps": 2, "guidance_scale": 1})
+    assert status == 200 and answer["sampler"] == "ddpm" and answer["class_labels"] == [3, 1]
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_health_survives(service):
@@ -135,12 +152,13 @@ def test_a_client_that_disconnects_frees_its_slots(service):
     assert health["steps_run"] - before["steps_run"] < 200  # its chain was cut short
 
 
-def test_models_describes_the_served_export(service, digits_export):
+def test_models_describes_the_served_export(service, served_export):
     status, _, answer = call(service + "/v1/models")
     model = answer["models"][0]
-    assert status == 200 and model["name"] == "digits" and model["backend"] == "onnxruntime"
+    assert status == 200 and model["name"] == "elsewhere" and model["model"] == "digits"
+    assert model["backend"] == "onnxruntime" and model["class_names"] == [str(i) for i in range(10)]
     assert model["precision"] == "fp32" and model["validation"]["passed"] is True
-    assert model["export_dir"] == str(digits_export)
+    assert model["export_dir"] == str(served_export)
 
 
 def test_the_readme_curl_example_answers(service):

@@ -12,11 +12,11 @@ from .options import (describe_model, export_dir_of, load_cli_model, model_sourc
 def cmd_demo(args) -> int:
     from ..demo_app import DemoLimits, launch
 
-    limits = DemoLimits(max_steps=args.max_steps, max_images=args.max_images, max_guidance=args.max_guidance)
+    limits = DemoLimits(max_steps=args.max_steps, max_images=args.max_images, max_guidance=args.max_guidance,
+                        concurrency=args.concurrency, max_queue=args.max_queue)
     launch(host=args.host, port=args.port, share=args.share, exports_root=args.exports,
            device=str(resolve_device(args.device)),
-           limits=limits, concurrency=args.concurrency, vae=args.vae, torch_threads=args.torch_threads,
-           server=args.server)
+           limits=limits, vae=args.vae, torch_threads=args.torch_threads, server=args.server)
     return 0
 
 

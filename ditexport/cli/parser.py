@@ -5,6 +5,7 @@ import argparse
 
 from .commands import cmd_bench, cmd_build, cmd_demo, cmd_export_vae, cmd_gpu_check, cmd_train_digits, cmd_validate
 from .sampling import cmd_eval, cmd_info, cmd_sample
+from ..limits import DemoLimits, add_limit_arguments
 from ..serving.command import add_serve_parser
 from ..bench.settings import BENCH_BACKENDS, BenchSettings
 from ..settings import SAMPLING_METHODS, BuildSettings, DigitsTrainConfig, EvalSettings, SamplerConfig
@@ -146,11 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exports", default="exports", help="export root to offer models from (default: exports)")
     p.add_argument("--device", default="cpu", help="torch device for the torch backend: cpu, cuda or auto")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory, for latent models")
-    p.add_argument("--max-steps", type=positive_int, default=1000, help="server limit on steps (default: 1000)")
-    p.add_argument("--max-images", type=positive_int, default=16, help="server limit on images (default: 16)")
-    p.add_argument("--max-guidance", type=float, default=20.0, help="server limit on guidance (default: 20)")
-    p.add_argument("--concurrency", type=positive_int, default=1,
-                   help="requests that run at once on each backend; others wait in the queue (default: 1)")
+    add_limit_arguments(p, DemoLimits)  # --max-steps, --max-images, --max-guidance, --concurrency, --max-queue
     add_threads_argument(p)  # the widest model served decides the default
     p.set_defaults(func=cmd_demo)
 

@@ -6,13 +6,14 @@ Gradio is imported inside `build_app` and `launch`, so the package imports witho
 """
 from __future__ import annotations
 
-from .limits import BUILTIN_KEY, DemoInputError, DemoLimits, NO_BLEND, SEED_MAX
+from .limits import BUILTIN_KEY, DemoBusyError, DemoInputError, DemoLimits, NO_BLEND, SEED_MAX
 from .models import builtin_entry, export_entries, ModelEntry, parse_backend_choice
 from .remote import RemoteService
 from .service import create_service, DemoService, GenerateRequest, GenerateResponse, random_seed
 from .ui import build_app, launch
 
-__all__ = ["BUILTIN_KEY", "DemoInputError", "DemoLimits", "NO_BLEND", "SEED_MAX", "builtin_entry", "export_entries",
+__all__ = ["BUILTIN_KEY", "DemoBusyError", "DemoInputError", "DemoLimits", "NO_BLEND", "SEED_MAX", "builtin_entry",
+           "export_entries",
            "ModelEntry", "parse_backend_choice", "create_service", "DemoService", "GenerateRequest", "GenerateResponse",
            "random_seed", "build_app", "launch", "RemoteService"]
 

@@ -15,7 +15,7 @@ from ..class_names import class_label
 from ..sampler import SAMPLING_METHODS, SamplerConfig
 from ..errors import DitexportError
 from ..pipeline import IdentityDecoder, Pipeline, SampleResult
-from .limits import BUILTIN_KEY, DemoInputError, DemoLimits, NO_BLEND, SEED_MAX
+from .limits import BUILTIN_KEY, DemoBusyError, DemoInputError, DemoLimits, NO_BLEND, SEED_MAX, check_limits
 from .models import builtin_entry, export_entries, ModelEntry, parse_backend_choice
 
 
@@ -51,7 +51,7 @@ class DemoService:
     """The demo's state: models, backends created on first use, and a concurrency limit per runtime."""
 
     def __init__(self, models: list[ModelEntry], limits: DemoLimits | None = None, device: str = "cpu",
-                 concurrency: int = 1, display_size: int = 128, decoder=None):
+                 display_size: int = 128, decoder=None):
         if not models:
             raise DitexportError("the demo has no model to serve")
         self.models = {m.key: m for m in models}
@@ -62,8 +62,9 @@ class DemoService:
         self._backends: dict[tuple[str, str], Backend] = {}
         self._backend_lock = threading.Lock()
         # Requests for one runtime wait for each other; requests for different runtimes do not.
-        self._slots = {runtime: threading.BoundedSemaphore(concurrency)
+        self._slots = {runtime: threading.BoundedSemaphore(self.limits.concurrency)
                        for runtime in ("torch", "onnxruntime", "tensorrt")}
+        self._admitted = threading.BoundedSemaphore(self.limits.max_queue)  # running or waiting, all runtimes
 
     def widest_hidden_size(self) -> int:
         """The largest hidden size served: it decides the default CPU threads (ditexport.threads)."""
@@ -117,7 +118,7 @@ class DemoService:
     def check(self, request: GenerateRequest) -> ModelEntry:
         """Validates a request against the limits and the model; returns the model's entry."""
         r = request
-        self.limits.check(r.steps, r.num_images, r.guidance, r.seed, r.blend_weight)
+        check_limits(self.limits, r.steps, r.num_images, r.guidance, r.seed, r.blend_weight)
         entry = self.entry(r.model)
         if r.sampler not in SAMPLING_METHODS:
             raise DemoInputError(f"sampler must be one of {', '.join(SAMPLING_METHODS)}, got {r.sampler!r}")
@@ -142,10 +143,20 @@ class DemoService:
         return entry
 
     def generate(self, request: GenerateRequest, progress: bool = True, on_wait=None) -> GenerateResponse:
-        """Validates, waits for a slot on the runtime, samples, and returns displayable images.
+        """Validates, waits for a slot on the runtime, samples, and returns displayable images; refuses at once
+        (DemoBusyError) while `limits.max_queue` requests are running or waiting.
 
         `on_wait(message)` is called before waiting for a busy runtime (the UI shows it).
         """
+        if not self._admitted.acquire(blocking=False):
+            raise DemoBusyError(f"the demo is busy: {self.limits.max_queue} requests are already running or "
+                                "waiting; try again in a few seconds")
+        try:
+            return self._generate(request, progress, on_wait)
+        finally:
+            self._admitted.release()
+
+    def _generate(self, request: GenerateRequest, progress: bool, on_wait) -> GenerateResponse:
         r = request
         entry = self.check(r)
         backend = self.backend(r.model, r.backend)
@@ -217,7 +228,7 @@ def random_seed() -> int:
 
 
 def create_service(exports_root: str | Path = "exports", device: str = "cpu", limits: DemoLimits | None = None,
-                   concurrency: int = 1, vae: str | None = None) -> DemoService:
+                   vae: str | None = None) -> DemoService:
     """The built-in model plus every export under `exports_root`."""
     models = [builtin_entry()] + export_entries(exports_root)
     decoder = None
@@ -225,7 +236,7 @@ def create_service(exports_root: str | Path = "exports", device: str = "cpu", li
         from ..backends.decoders import VaeDecoder
 
         decoder = VaeDecoder(vae, device=device)
-    return DemoService(models, limits, device=device, concurrency=concurrency, decoder=decoder or IdentityDecoder())
+    return DemoService(models, limits, device=device, decoder=decoder or IdentityDecoder())
 
 
 def displayable(images: torch.Tensor, display_size: int) -> list[np.ndarray]:

@@ -42,9 +42,10 @@ def build_app(service: DemoService):
             progress=gr.Progress(track_tqdm=True)):
         try:
             request = GenerateRequest(
-                model=model, backend=backend, class_index=_as_int(class_index, "class"),
-                num_images=_as_int(num_images, "number of images"), guidance=_as_float(guidance, "guidance scale"),
-                sampler=sampler, steps=_as_int(steps, "steps"), seed=_as_int(seed, "seed"),
+                model=_as_str(model, "model"), backend=_as_str(backend, "backend"),
+                class_index=_as_int(class_index, "class"), num_images=_as_int(num_images, "number of images"),
+                guidance=_as_float(guidance, "guidance scale"), sampler=_as_str(sampler, "sampler"),
+                steps=_as_int(steps, "steps"), seed=_as_int(seed, "seed"),
                 blend_class=_as_int(blend_class, "blend class"), blend_weight=_as_float(blend_weight, "blend"))
             response = service.generate(request, on_wait=lambda msg: progress(0, desc=msg))
         except (DitexportError, ValueError) as e:
@@ -69,10 +70,11 @@ def build_app(service: DemoService):
                     sampler = gr.Radio(list(SAMPLING_METHODS), value=GenerateRequest.sampler, label="Sampler")
                     steps = gr.Number(GenerateRequest.steps, label=f"Steps (1-{limits.max_steps})")
                 with gr.Row():
-                    guidance = gr.Slider(1.0, limits.max_guidance, value=4.0, step=0.25, label="Guidance scale")
-                    num_images = gr.Number(8, label=f"Images (1-{limits.max_images})")
+                    guidance = gr.Slider(1.0, limits.max_guidance, value=GenerateRequest.guidance, step=0.25,
+                                         label="Guidance scale")
+                    num_images = gr.Number(GenerateRequest.num_images, label=f"Images (1-{limits.max_images})")
                 with gr.Row():
-                    seed = gr.Number(0, label="Seed")
+                    seed = gr.Number(GenerateRequest.seed, label="Seed")
                     randomize = gr.Button("Random seed", size="sm")
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
@@ -87,17 +89,31 @@ def build_app(service: DemoService):
         generate.click(run, inputs=[model, backend, class_index, blend_class, blend_weight, num_images, guidance,
                                     sampler, steps, seed], outputs=[gallery, summary], api_name="generate",
                        concurrency_limit=None, preprocess=False)
-    app.queue(max_size=32)
+    app.queue(max_size=limits.max_queue)  # the service refuses beyond the same bound, with a message
     return app
 
 
+def _as_str(value, name: str) -> str:
+    """Menus send strings; the API can send anything, which gets a message, not a traceback."""
+    if not isinstance(value, str):
+        raise DemoInputError(f"{name} must be a string (a menu choice), got {_shown(value)}")
+    return value
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _as_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DemoInputError(f"{name} must be a number, got {_shown(value)}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise DemoInputError(f"{name} must be a number, got {value!r}") from None
+    except (OverflowError, ValueError):  # an integer beyond a float's range, or text that is not a number
+        raise DemoInputError(f"{name} must be a number a float can hold, got {_shown(value)}") from None
     if number != number or number in (float("inf"), float("-inf")):
-        raise DemoInputError(f"{name} must be a finite number, got {value!r}")
+        raise DemoInputError(f"{name} must be a finite number, got {_shown(value)}")
     return number
 
 
@@ -105,12 +121,12 @@ def _as_int(value, name: str) -> int:
     """Numbers arrive from the API as floats or strings; fractional values are an error, not rounded."""
     number = _as_float(value, name)
     if number != int(number):
-        raise DemoInputError(f"{name} must be a whole number, got {value!r}")
+        raise DemoInputError(f"{name} must be a whole number, got {_shown(value)}")
     return int(number)
 
 
 def launch(host: str = "127.0.0.1", port: int | None = None, share: bool = False, exports_root: str = "exports",
-           device: str = "cpu", limits: DemoLimits | None = None, concurrency: int = 1, vae: str | None = None,
+           device: str = "cpu", limits: DemoLimits | None = None, vae: str | None = None,
            torch_threads: int | None = None, warm_up: bool = True, block: bool = True, server: str | None = None):
     """Builds the service and the app and serves it; returns the app (with `block=False`, still serving).
     With `server`, requests go to a running `python -m ditexport serve` at that URL instead of local backends."""
@@ -121,7 +137,7 @@ def launch(host: str = "127.0.0.1", port: int | None = None, share: bool = False
 
         service = RemoteService(server, limits=limits)
     else:
-        service = create_service(exports_root, device, limits, concurrency, vae)
+        service = create_service(exports_root, device, limits, vae)
     from ..threads import describe_threads, resolve_threads
 
     log.info(f"demo: {describe_threads(*resolve_threads(torch_threads, service.widest_hidden_size()))}")

@@ -1,51 +1,88 @@
-"""The HTTP API's JSON: requests parsed and checked field by field, images as base64 PNG. No Ray in here."""
+"""The HTTP API's JSON: requests parsed and checked field by field before any work, answers as plain
+(status, JSON, headers), images as base64 PNG. No Ray in here: the deployment only moves bytes in and out."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import logging
 import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
 
 from ..class_names import class_names
 from ..images import to_uint8
+from ..limits import RequestLimits
 from ..sampler import SAMPLING_METHODS, SamplerConfig, SamplerConfigError
-from .engine import ImageRequest, RequestError
+from .engine import ImageRequest, QueueFullError, RequestError
+from .settings import ServiceLimits
+
+log = logging.getLogger("ditexport.serving")
 
 FIELDS = {"class_labels", "steps", "sampler", "guidance_scale", "seed", "eta"}
-# The defaults of `python -m ditexport sample`.
-DEFAULTS = {"steps": 250, "sampler": "ddpm", "guidance_scale": 4.0, "seed": 0, "eta": 0.0}
+# The defaults of `python -m ditexport sample`, read from the sampler's dataclass.
+DEFAULTS = {"steps": SamplerConfig.num_steps, "sampler": SamplerConfig.method,
+            "guidance_scale": SamplerConfig.guidance_scale, "seed": 0, "eta": SamplerConfig.eta}
+MAX_DEPTH = 2  # a request is an object holding one list: anything deeper is refused before it is parsed
+MAX_INT_DIGITS = 40  # longer integers parse as floats, so that a field refuses them by name (no OverflowError)
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_INNERMOST = re.compile(rb"[\[{][^\[\]{}]*[\]}]")
+_BRACKETS = re.compile(rb"[\[\]{}]")
 
 
-def parse_image_request(body: bytes, num_classes: int, names: list[str]) -> ImageRequest:
+def check_depth(body: bytes, depth: int = MAX_DEPTH) -> None:
+    """Refuses JSON nested deeper than `depth` in linear time, before `json.loads` pays for it (or recurses)."""
+    text = _STRINGS.sub(b"", body)
+    for _ in range(depth):
+        text = _INNERMOST.sub(b"", text)
+    if _BRACKETS.search(text):
+        raise RequestError("body", f"the body nests deeper than a request does ({depth} levels: an object "
+                                   "holding the class_labels list)")
+
+
+def _parse_int(text: str):
+    return int(text) if len(text) <= MAX_INT_DIGITS else float(text)
+
+
+def parse_image_request(body: bytes, num_classes: int, names: list[str],
+                        limits: RequestLimits | None = None) -> ImageRequest:
     """A POST /v1/images body -> ImageRequest; anything wrong is a RequestError naming its field."""
+    limits = limits or RequestLimits()
+    check_depth(body)
     try:
-        data = json.loads(body, parse_constant=lambda c: float(c))
+        data = json.loads(body, parse_constant=float, parse_int=_parse_int)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError("body", f"the body is not JSON: {e}") from None
     if not isinstance(data, dict):
         raise RequestError("body", "the body must be a JSON object")
     unknown = sorted(set(data) - FIELDS)
     if unknown:
-        raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; fields: {', '.join(sorted(FIELDS))}")
+        raise RequestError(unknown[0], f"unknown field {str(unknown[0])[:40]!r}; fields: {', '.join(sorted(FIELDS))}")
     if "class_labels" not in data:
         raise RequestError("class_labels", "class_labels is required, e.g. [3, 1]")
     labels = data["class_labels"]
     if not isinstance(labels, list):
         raise RequestError("class_labels", "class_labels must be a list of class indices or names")
+    if not 1 <= len(labels) <= limits.max_images:  # before any label is looked at
+        raise RequestError("class_labels", f"number of class labels must be between 1 and {limits.max_images} "
+                                           f"on this server, got {len(labels)}")
     values = {**DEFAULTS, **{k: v for k, v in data.items() if k != "class_labels"}}
     for name in ("steps", "seed"):
         if not isinstance(values[name], int) or isinstance(values[name], bool):
-            raise RequestError(name, f"{name} must be an integer, got {values[name]!r}")
+            raise RequestError(name, f"{name} must be an integer, got {_shown(values[name])}")
     for name in ("guidance_scale", "eta"):
         value = values[name]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise RequestError(name, f"{name} must be a finite number, got {value!r}")
-    if values["sampler"] not in SAMPLING_METHODS:
+            raise RequestError(name, f"{name} must be a finite number, got {_shown(value)}")
+    if not isinstance(values["sampler"], str) or values["sampler"] not in SAMPLING_METHODS:
         raise RequestError("sampler", f"sampler must be one of {', '.join(SAMPLING_METHODS)}, "
-                                      f"got {values['sampler']!r}")
+                                      f"got {_shown(values['sampler'])}")
     try:
         cfg = SamplerConfig(num_steps=values["steps"], method=values["sampler"],
                             guidance_scale=float(values["guidance_scale"]), eta=float(values["eta"]))
@@ -55,15 +92,20 @@ def parse_image_request(body: bytes, num_classes: int, names: list[str]) -> Imag
                         sampler_cfg=cfg)
 
 
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def class_index(value, num_classes: int, names: list[str]) -> int:
     """A class given by index, or by name where the model has names."""
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value < num_classes:
-            raise RequestError("class_labels", f"class labels must be in 0..{num_classes - 1}, got {value}")
+            raise RequestError("class_labels", f"class labels must be in 0..{num_classes - 1}, got {_shown(value)}")
         return value
     if isinstance(value, str) and value in names:
         return names.index(value)
-    raise RequestError("class_labels", f"unknown class {value!r}: give an index 0..{num_classes - 1} "
+    raise RequestError("class_labels", f"unknown class {_shown(value)}: give an index 0..{num_classes - 1} "
                                        "or one of the model's class names")
 
 
@@ -79,13 +121,109 @@ def png_base64(images: torch.Tensor) -> list[str]:
     return out
 
 
-def model_info(export_dir: str | Path, backend) -> dict:
-    """GET /v1/models: the served export, its config, backend, precision, CPU threads and validation summary."""
-    import torch
+def served_class_names(manifest: dict, num_classes: int) -> list[str]:
+    """The class names a served export accepts and advertises: from the manifest's `model` (what was exported),
+    never from the export directory's name."""
+    return class_names(num_classes, manifest.get("model"))
 
+
+def model_info(export_dir: str | Path, backend) -> dict:
+    """GET /v1/models: the served export, its model, config, backend, precision, CPU threads and validation."""
     manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
     cfg = backend.config
-    return {"models": [{"name": manifest.get("name"), "export_dir": str(export_dir), "config": manifest.get("config"),
-                        "backend": backend.name, "precision": backend.precision, "threads": torch.get_num_threads(),
-                        "validation": manifest.get("validation"),
-                        "class_names": class_names(cfg.num_classes, manifest.get("model"))[:100]}]}
+    return {"models": [{"name": manifest.get("name"), "model": manifest.get("model"), "export_dir": str(export_dir),
+                        "config": manifest.get("config"), "backend": backend.name, "precision": backend.precision,
+                        "threads": torch.get_num_threads(), "validation": manifest.get("validation"),
+                        "class_names": served_class_names(manifest, cfg.num_classes)[:100]}]}
+
+
+def error(status: int, message: str, field: str | None = None, request_id: str | None = None,
+          retry_after: int | None = None) -> tuple[int, dict, dict]:
+    """(status, JSON, headers) of a refusal: the message, the field at fault, the request id."""
+    answer = {"error": message}
+    if field is not None:
+        answer["field"] = field
+    if request_id is not None:
+        answer["request_id"] = request_id
+    return status, answer, ({"Retry-After": str(retry_after)} if retry_after is not None else {})
+
+
+def request_id_of(header: str | None) -> str:
+    """The X-Request-ID a proxy gave (kept when it is a plain token), else a new one."""
+    if header and len(header) <= 64 and re.fullmatch(r"[A-Za-z0-9._-]+", header):
+        return header
+    return uuid.uuid4().hex
+
+
+class ImageAPI:
+    """POST /v1/images over one engine: body limit, parsing, admission, the request timeout, the answer."""
+
+    def __init__(self, engine, names: list[str], limits: RequestLimits, service: ServiceLimits, body_limit: int):
+        self.engine, self.names, self.limits, self.service = engine, names, limits, service
+        self.body_limit = body_limit
+        self.num_classes = engine.config.num_classes
+        self.on_submitted = None  # an async callable awaited with each admitted request's Future (a baseline mode)
+
+    async def read_body(self, chunks: AsyncIterator[bytes], content_length: str | None) -> bytes:
+        """The body, refused (413) as soon as it is known to exceed the limit: by its Content-Length before a
+        byte is read, else while it streams in."""
+        if content_length is not None:
+            if not content_length.isdigit():
+                raise RequestError("body", f"Content-Length must be a number of bytes, got {content_length[:40]!r}")
+            if int(content_length) > self.body_limit:
+                raise BodyTooLarge(self.body_limit)
+        body = bytearray()
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > self.body_limit:
+                raise BodyTooLarge(self.body_limit)
+        return bytes(body)
+
+    async def images(self, chunks: AsyncIterator[bytes], content_length: str | None = None,
+                     request_id: str | None = None) -> tuple[int, dict, dict]:
+        """(status, JSON, headers): 200 with images; 400 naming the field; 413; 503 + Retry-After when the queue
+        is full or the request ran past its timeout; 500 (logged with its request id) for a real fault."""
+        request_id = request_id or uuid.uuid4().hex
+        start = time.perf_counter()
+        future = None
+        try:
+            body = await self.read_body(chunks, content_length)
+            request = parse_image_request(body, self.num_classes, self.names, self.limits)
+            future = self.engine.submit(request)
+            timeout = max(0.0, self.service.request_timeout_s - (time.perf_counter() - start))
+            result = await asyncio.wait_for(self._result(future), timeout)
+            cfg = request.sampler_cfg
+            return 200, {"images": png_base64(result.images), "seed": request.seed, "steps": result.steps,
+                         "sampler": cfg.method, "guidance_scale": cfg.guidance_scale,
+                         "class_labels": request.labels, "request_id": request_id,
+                         "timings": {k: round(v, 4) for k, v in result.timings.items()}}, {}
+        except BodyTooLarge as e:
+            return error(413, str(e), "body", request_id)
+        except RequestError as e:
+            return error(400, str(e), e.field, request_id)
+        except QueueFullError as e:
+            return error(503, str(e), None, request_id, e.retry_after_s)
+        except asyncio.TimeoutError:
+            future.cancel()  # its slots are freed at the next step boundary
+            return error(503, f"the request did not finish within {self.service.request_timeout_s:g} s and was "
+                              "cancelled; the service is loaded, retry later or ask for fewer steps or images",
+                         None, request_id, self.engine.retry_after_s())
+        except asyncio.CancelledError:  # the client went away: its slots are freed at the next step
+            if future is not None:
+                future.cancel()
+            raise
+        except Exception:
+            log.exception(f"request {request_id}: internal error")
+            return error(500, f"internal server error (request id {request_id}, in the service's log)", None,
+                         request_id)
+
+
+    async def _result(self, future):
+        if self.on_submitted is not None:
+            await self.on_submitted(future)
+        return await asyncio.wrap_future(future)
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"the body is larger than this server's limit of {limit} bytes")

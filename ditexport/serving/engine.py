@@ -19,11 +19,16 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import DitexportError, UsageError
+from ..limits import RequestLimits
 from ..pipeline import CHUNK_IMAGES, IdentityDecoder, check_request
 from ..sampler import Sampler, SamplerConfig, denoise_step, guide
+from .settings import ServiceLimits, retry_after_s
 
 # The library's names of a setting at fault (UsageError.field) -> the HTTP request's field names.
-API_FIELDS = {"labels": "class_labels", "method": "sampler", "num_steps": "steps", "respacing": "steps"}
+API_FIELDS = {"labels": "class_labels", "num_images": "class_labels", "method": "sampler", "num_steps": "steps",
+              "respacing": "steps"}
+API_NAMES = {"num_images": "number of class labels"}  # the words a message uses, where not the field's name
+DRAIN_WINDOW_S = 30.0  # the drain rate behind Retry-After is measured over the last this many seconds
 
 
 class QueueFullError(DitexportError):
@@ -40,22 +45,6 @@ class RequestError(DitexportError):
     def __init__(self, field_name: str, message: str):
         super().__init__(message)
         self.field = field_name
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """Server-side bounds on one request, as the demo's `DemoLimits`."""
-    max_steps: int = 1000
-    max_images: int = 16
-    max_guidance: float = 20.0
-
-    def check(self, num_images: int, steps: int, guidance: float) -> None:
-        for name, value, low, high in (("class_labels", num_images, 1, min(self.max_images, CHUNK_IMAGES)),
-                                       ("steps", steps, 1, self.max_steps),
-                                       ("guidance_scale", guidance, 1.0, self.max_guidance)):
-            if not low <= value <= high:
-                what = "number of class labels" if name == "class_labels" else name
-                raise RequestError(name, f"{what} must be between {low} and {high} on this server, got {value}")
 
 
 @dataclass
@@ -127,12 +116,14 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 class BatchingEngine:
     """Owns one backend; `submit` queues a request, `step` (or the `start`ed thread) runs the running batch."""
 
-    def __init__(self, backend, *, max_queue: int = 32, max_running_images: int = 64,
-                 limits: ServeLimits | None = None, decoder=None, retry_after_s: int = 1):
+    def __init__(self, backend, *, max_queue: int = ServiceLimits.max_queue,
+                 max_running_images: int = ServiceLimits.max_running_images, limits: RequestLimits | None = None,
+                 decoder=None):
         self.backend, self.config = backend, backend.config
         self.decoder = decoder or IdentityDecoder()
         self.max_queue, self.max_running_images = max_queue, max_running_images
-        self.limits, self.retry_after_s = limits or ServeLimits(), retry_after_s
+        self.limits = limits or RequestLimits()
+        self._finished_at: deque[float] = deque(maxlen=1024)  # when requests finished, for the drain rate
         self._waiting: deque[tuple[ImageRequest, Future, float]] = deque()
         self._running: list[_Running] = []
         self._lock = threading.Condition()
@@ -148,8 +139,10 @@ class BatchingEngine:
     def check(self, request: ImageRequest) -> None:
         """Refuses a request before it is queued, naming the field at fault."""
         cfg = request.sampler_cfg
-        self.limits.check(len(request.labels), cfg.num_steps, cfg.guidance_scale)
         try:
+            # A batch above CHUNK_IMAGES would draw its noise per chunk, not from the seed itself.
+            RequestLimits(self.limits.max_steps, min(self.limits.max_images, CHUNK_IMAGES), self.limits.max_guidance
+                          ).check(len(request.labels), cfg.num_steps, cfg.guidance_scale, names=API_NAMES)
             check_request(self.config, request.labels, request.seed, cfg)
         except UsageError as e:
             raise RequestError(API_FIELDS.get(e.field or "", e.field or "body"), str(e)) from None
@@ -160,7 +153,7 @@ class BatchingEngine:
         future: Future = Future()
         with self._lock:
             if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(self.retry_after_s)
+                raise QueueFullError(self.retry_after_s())
             self._waiting.append((request, future, time.perf_counter()))
             self._lock.notify_all()
         return future
@@ -169,14 +162,27 @@ class BatchingEngine:
     def queue_depth(self) -> int:
         return len(self._waiting)
 
+    def drain_per_s(self) -> float | None:
+        """Requests finished per second over the last DRAIN_WINDOW_S (None before two have finished)."""
+        now = time.perf_counter()
+        recent = [t for t in self._finished_at if now - t <= DRAIN_WINDOW_S]
+        if len(recent) < 2:
+            return None
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-3)
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue a refused client saw has drained at the measured rate (Retry-After)."""
+        return retry_after_s(len(self._waiting), self.drain_per_s())
+
     @property
     def running_images(self) -> int:
         return sum(len(r.request.labels) for r in self._running)
 
     def stats(self) -> dict:
-        """Counters since the start: steps, rows forwarded, seconds in forwards and in whole steps."""
+        """Counters since the start: steps, rows forwarded, seconds in forwards and in whole steps; the drain rate."""
         return {"queue_depth": self.queue_depth, "running_images": self.running_images, "steps_run": self.steps_run,
-                "rows_run": self.rows_run, "forward_s": round(self.forward_s, 4), "step_s": round(self.step_s, 4)}
+                "rows_run": self.rows_run, "forward_s": round(self.forward_s, 4), "step_s": round(self.step_s, 4),
+                "drain_per_s": round(self.drain_per_s() or 0.0, 3)}
 
     def _admit(self) -> None:
         """At a step boundary: drops cancelled requests, lets waiting ones join while the batch has room."""
@@ -272,6 +278,7 @@ class BatchingEngine:
         done = time.perf_counter()
         timings = {"queued_s": r.started_at - r.queued_at, "sampling_s": sampled - r.started_at,
                    "decode_s": done - sampled, "total_s": done - r.queued_at}
+        self._finished_at.append(done)
         try:  # the future stays pending while it runs, so a client can cancel it until here
             r.future.set_result(ImageResult(images=images, steps=r.sampler.num_steps, timings=timings))
         except InvalidStateError:
@@ -312,5 +319,4 @@ class BatchingEngine:
             self._thread.join(timeout=30)
 
 
-__all__ = ["BatchingEngine", "CancelledError", "ImageRequest", "ImageResult", "QueueFullError", "RequestError",
-           "ServeLimits"]
+__all__ = ["BatchingEngine", "CancelledError", "ImageRequest", "ImageResult", "QueueFullError", "RequestError"]

@@ -1,10 +1,13 @@
-"""The Ray Serve deployment: replicas of the batching engine behind a small JSON HTTP API."""
+"""The Ray Serve deployment: replicas of the batching engine behind a small JSON HTTP API, and the local
+service: a private Ray bound to loopback with the HTTP front (`front.py`) ahead of Serve's proxy."""
 import asyncio
 import os
 import time
-from dataclasses import asdict, dataclass
 
 from ..errors import DitexportError
+from .settings import ServeSettings
+
+HEADROOM = 16  # requests a replica takes beyond its engine's capacity: /healthz, /v1/models, quick refusals
 
 
 def ray_serve():
@@ -17,59 +20,47 @@ def ray_serve():
     return ray, serve
 
 
-@dataclass
-class ServeSettings:
-    """What one replica serves and how much it queues."""
-    export_dir: str
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
-    device: str = "cpu"
-    max_batch: int | None = None
-    max_queue: int = 32
-    max_running_images: int = 64
-    max_images: int = 16
-    max_steps: int = 1000
-    max_guidance: float = 20.0
-    threads: int = 1  # CPU threads of torch and ONNX Runtime in each replica (Ray's workers would take 1)
-    # "continuous": requests join and leave the running batch at every step (the service);
-    # "request-batch": Ray Serve's @serve.batch groups requests that arrive together and runs each group to the
-    # end before the next starts; "single": one request at a time. The last two are the load benchmark's baselines.
-    mode: str = "continuous"
-
-
 def build_app(settings: ServeSettings, num_replicas: int = 1):
-    """The Ray Serve application: `num_replicas` engines, each on a GPU where the backend runs on CUDA."""
+    """The Ray Serve application: `num_replicas` engines, each on a GPU where the backend runs on CUDA. Every
+    deployment option is decided here, the one place a Ray application is built."""
     _, serve = ray_serve()
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
     api = FastAPI(title="ditexport")
     on_gpu = settings.backend == "tensorrt" or settings.device.startswith("cuda")
+    engine_capacity = settings.service.capacity(1)  # image requests one replica holds, running or waiting
 
+    # max_ongoing_requests: the engine's own bound (which answers 503 at once) plus headroom, so that /healthz
+    # never waits behind image work; max_queued_requests: the bound of Ray's proxy ahead of the replicas.
     @serve.deployment(num_replicas=num_replicas, ray_actor_options={"num_gpus": 1 if on_gpu else 0},
-                      max_ongoing_requests=settings.max_queue + settings.max_running_images)
+                      max_ongoing_requests=engine_capacity + HEADROOM,
+                      max_queued_requests=settings.service.max_queue * num_replicas,
+                      backpressure_config={"status_code": 503, "retry_after_s": 1})
     @serve.ingress(api)
     class ImageService:
         def __init__(self, settings_dict: dict):
             import torch
             from ray.serve import metrics
 
-            from ..class_names import class_names
-            from .api import model_info
+            from ..artifacts import read_manifest
+            from .api import ImageAPI, model_info, served_class_names
             from .backend import open_served_backend
-            from .engine import BatchingEngine, ServeLimits
+            from .engine import BatchingEngine
+            from .settings import body_limit
 
-            s = ServeSettings(**settings_dict)
+            s = ServeSettings.from_dict(settings_dict)
             torch.set_num_threads(s.threads)  # ONNX Runtime's sessions follow torch's count
             backend = open_served_backend(s.export_dir, s.backend, s.precision, s.device, s.max_batch)
             self.info = model_info(s.export_dir, backend)
-            self.names = class_names(backend.config.num_classes, self.info["models"][0]["name"])
-            self.num_classes = backend.config.num_classes
-            running = 1 if s.mode == "single" else s.max_running_images  # "single": one request runs at a time
-            self.engine = BatchingEngine(backend, max_queue=s.max_queue, max_running_images=running,
-                                         limits=ServeLimits(s.max_steps, s.max_images, s.max_guidance))
-            self.mode = s.mode
-            if s.mode != "request-batch":
+            names = served_class_names(read_manifest(s.export_dir), backend.config.num_classes)
+            running = 1 if s.mode == "single" else s.service.max_running_images  # one request at a time
+            self.engine = BatchingEngine(backend, max_queue=s.service.max_queue, max_running_images=running,
+                                         limits=s.limits)
+            self.api = ImageAPI(self.engine, names, s.limits, s.service, body_limit(s.service, s.limits, names))
+            if s.mode == "request-batch":
+                self.api.on_submitted = self.run_group
+            else:
                 self.engine.start()
             self.queue_depth = metrics.Gauge("ditexport_queue_depth", description="requests waiting to join")
             self.running = metrics.Gauge("ditexport_running_images", description="images in the running batch")
@@ -79,7 +70,7 @@ def build_app(settings: ServeSettings, num_replicas: int = 1):
         def __del__(self):
             self.engine.stop()
 
-        @serve.batch(max_batch_size=settings.max_running_images, batch_wait_timeout_s=0.01)
+        @serve.batch(max_batch_size=settings.service.max_running_images, batch_wait_timeout_s=0.01)
         async def run_group(self, futures: list):
             """Request-level batching: the group that arrived together runs as one batch until its last request
             is done; requests arriving meanwhile wait for the next group."""
@@ -96,63 +87,88 @@ def build_app(settings: ServeSettings, num_replicas: int = 1):
 
         @api.post("/v1/images")
         async def images(self, request: Request):
-            from .api import parse_image_request, png_base64
-            from .engine import QueueFullError, RequestError
+            from .api import request_id_of
 
             start = time.perf_counter()
             try:
-                image_request = parse_image_request(await request.body(), self.num_classes, self.names)
-                future = self.engine.submit(image_request)
-            except RequestError as e:
-                return JSONResponse({"error": str(e), "field": e.field}, status_code=400)
-            except QueueFullError as e:
-                return JSONResponse({"error": str(e)}, status_code=503,
-                                    headers={"Retry-After": str(e.retry_after_s)})
-            self.queue_depth.set(self.engine.queue_depth)
-            try:
-                if self.mode == "request-batch":
-                    await self.run_group(future)
-                result = await asyncio.wrap_future(future)
-            except asyncio.CancelledError:  # the client went away: its slots are freed at the next step
-                future.cancel()
-                raise
+                status, answer, headers = await self.api.images(request.stream(), request.headers.get(
+                    "content-length"), request_id_of(request.headers.get("x-request-id")))
             finally:
                 self.queue_depth.set(self.engine.queue_depth)
                 self.running.set(self.engine.running_images)
-            self.latency.observe(time.perf_counter() - start)
-            cfg = image_request.sampler_cfg
-            return {"images": png_base64(result.images), "seed": image_request.seed, "steps": result.steps,
-                    "sampler": cfg.method, "guidance_scale": cfg.guidance_scale, "class_labels": image_request.labels,
-                    "timings": {k: round(v, 4) for k, v in result.timings.items()}}
+            if status == 200:
+                self.latency.observe(time.perf_counter() - start)
+            return JSONResponse(answer, status_code=status, headers=headers)
 
-    return ImageService.bind(asdict(settings))
+    return ImageService.bind(settings.to_dict())
 
 
-def start_local_ray(address: str | None = None, port: int = 8000, host: str = "127.0.0.1"):
-    """Joins `address`, or starts a local Ray bound to loopback (no dashboard, no usage stats); starts Serve's
-    HTTP proxy on host:port."""
+def start_local_ray(address: str | None = None, port: int = 8000, host: str = "127.0.0.1",
+                    keep_alive_timeout_s: float | None = None):
+    """Joins `address`, or starts a private Ray whose every listener Ray lets us bind is on loopback (no
+    dashboard, no usage stats; Ray turns its token authentication on for a new local cluster unless RAY_AUTH_MODE
+    says otherwise); starts Serve's HTTP proxy on host:port."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not address:
+        # Ray resolves a node address of 127.0.0.1 to the machine's address unless this is 0; with the node on
+        # 127.0.0.1, GCS, raylet, workers and agents listen on loopback only (docs/serve.md lists the rest).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray, serve = ray_serve()
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read at import: Ray may have been imported before the line above
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  configure_logging=False)
-    serve.start(http_options={"host": host, "port": port})
+    options = {"host": host, "port": port}
+    if keep_alive_timeout_s is not None:
+        options["keep_alive_timeout_s"] = int(keep_alive_timeout_s)
+    serve.start(http_options=options)
     return ray, serve
+
+
+_front = None  # the local service's HTTP front, stopped by `shutdown`
 
 
 def deploy(settings: ServeSettings, num_replicas: int = 1, port: int = 8000, address: str | None = None,
            host: str = "127.0.0.1") -> float:
-    """Starts (or joins) Ray and deploys the service; returns the seconds it took until it answers."""
+    """Starts (or joins) Ray and deploys the service; returns the seconds it took until it answers.
+
+    Locally, Serve's proxy listens on a free loopback port and the HTTP front (limits, timeouts, bounded
+    admission, JSON errors) on host:port ahead of it. On an existing cluster (`address`) Serve's proxy is the
+    entry point; the replicas' own limits still apply (docs/serve.md)."""
+    global _front
     start = time.perf_counter()
-    _, serve = start_local_ray(address, port, host)
+    limits = settings.service
+    if address:
+        _, serve = start_local_ray(address, port, host, limits.keep_alive_timeout_s)
+    else:
+        from .front import HttpFront, free_loopback_port
+
+        upstream_port = free_loopback_port()
+        _, serve = start_local_ray(None, upstream_port, "127.0.0.1", limits.keep_alive_timeout_s)
     serve.run(build_app(settings, num_replicas), name="ditexport", route_prefix="/", blocking=False)
+    if not address:
+        from .api import served_class_names
+        from ..artifacts import read_manifest
+        from .settings import body_limit
+
+        manifest = read_manifest(settings.export_dir)
+        names = served_class_names(manifest, manifest["config"]["num_classes"])
+        _front = HttpFront(host, port, ("127.0.0.1", upstream_port), limits, capacity=limits.capacity(num_replicas),
+                           body_limit=body_limit(limits, settings.limits, names))
+        _front.start()
     return time.perf_counter() - start
 
 
 def shutdown() -> None:
-    """Stops Serve and the Ray this process started or joined."""
+    """Stops the front, Serve and the Ray this process started or joined."""
+    global _front
+    if _front is not None:
+        _front.stop()
+        _front = None
     ray, serve = ray_serve()
     serve.shutdown()
     ray.shutdown()
