@@ -114,10 +114,10 @@ def forward_cost_per_row(export_dir: str, threads: int, batches: tuple[int, ...]
     """ms per row of the served backend's forward at each batch, on `threads` threads, best of three rounds."""
     import torch
 
-    from ditexport.serving.backend import open_served_backend
+    from ditexport.backends.open import open_export_backend
 
     torch.set_num_threads(threads)
-    backend = open_served_backend(export_dir, "onnxruntime")
+    backend = open_export_backend(export_dir, "onnxruntime")
     c = backend.config
     gen = torch.Generator().manual_seed(0)
     cost = {}

@@ -115,3 +115,45 @@ def test_the_engine_stage_builds_and_compares_the_decoders_plan_beside_the_dits(
     # The validation batches (1, 2, 5) that the 1..3-image profile takes, as latents of the DiT's samples.
     assert [{k: v.shape for k, v in f.items()} for f in seen[vae_plan.name]] == [{"latents": (1, 4, 8, 8)},
                                                                                  {"latents": (2, 4, 8, 8)}]
+
+
+def test_the_demo_decodes_a_latent_export_with_its_graph(latent_export, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from ditexport.backends.decoders import OnnxRuntimeDecoder
+    from ditexport.demo_app.service import GenerateRequest, create_service
+
+    monkeypatch.setattr(AutoencoderKL, "decode", lambda *a, **k: (_ for _ in ()).throw(AssertionError("torch")))
+    service = create_service(latent_export)  # the exports under it: the latent one, named after its directory
+    key = next(k for k in service.models if k.endswith("export"))
+    try:
+        assert isinstance(service.decoder_for(key, "onnxruntime (fp32)"), OnnxRuntimeDecoder)
+        response = service.generate(GenerateRequest(model=key, backend="onnxruntime (fp32)", class_index=3,
+                                                    num_images=2, steps=2, seed=1), progress=False)
+        assert response.result.images.shape == (2, 3, 16, 16)  # decoded images, not latents
+    finally:
+        service.close()
+
+
+@pytest.mark.slow
+def test_serve_decodes_a_latent_export_as_sample_does(latent_export, tmp_path):
+    """The HTTP service of a latent export answers with the decoded images `sample` writes (the export's decoder
+    graph on ONNX Runtime in the replica)."""
+    pytest.importorskip("ray.serve", reason="the service needs Ray Serve: pip install 'ditexport[serve]'")
+    import subprocess
+    import sys
+
+    from conftest import png_pixels
+    from test_serving_cli import get, running_serve
+
+    export = latent_export / "export"
+    with running_serve(export, "--torch-threads", "1") as (base, _):
+        answer = get(base + "/v1/images", {"class_labels": [3, 1], "steps": 3, "sampler": "dpmpp-2m", "seed": 7})
+    npz = tmp_path / "lone.npz"
+    subprocess.run([sys.executable, "-m", "ditexport", "-q", "sample", "--export-dir", str(export), "--backend",
+                    "onnxruntime", "--classes", "3,1", "--steps", "3", "--sampler", "dpmpp-2m", "--seed", "7",
+                    "--torch-threads", "1", "--out", str(tmp_path / "lone.png"), "--npz", str(npz)], check=True,
+                   timeout=120)
+    lone = np.load(npz)["arr_0"]
+    served = np.stack([png_pixels(image) for image in answer["images"]])
+    assert lone.shape == (2, 16, 16, 3) and np.array_equal(served, lone)

@@ -1,5 +1,6 @@
 """`python -m ditexport serve` as a user runs it: a process that starts its own Ray on loopback, answers like
 `python -m ditexport sample`, and stops on SIGTERM."""
+import contextlib
 import json
 import os
 import signal
@@ -22,11 +23,14 @@ def get(url, body=None):
         return json.loads(response.read())
 
 
-def test_serve_answers_as_sample_does_with_its_threads_and_stops_on_sigterm(digits_export, tmp_path):
+@contextlib.contextmanager
+def running_serve(export_dir, *flags: str):
+    """`python -m ditexport serve` as a user starts it, ready; yields (its URL, its output lines so far) and stops it
+    with SIGTERM (as `kill` or `docker stop`; Ctrl-C takes the same path), which must exit it with 0."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAY_ADDRESS")}
-    server = subprocess.Popen([sys.executable, "-m", "ditexport", "serve", "--export-dir", str(digits_export),
-                               "--port", str(port), "--torch-threads", "2"],
+    server = subprocess.Popen([sys.executable, "-m", "ditexport", "serve", "--export-dir", str(export_dir),
+                               "--port", str(port), *flags],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines, ready = [], threading.Event()
 
@@ -39,9 +43,22 @@ def test_serve_answers_as_sample_does_with_its_threads_and_stops_on_sigterm(digi
     threading.Thread(target=read, daemon=True).start()
     try:
         assert ready.wait(timeout=180), "".join(lines)
+        yield f"http://127.0.0.1:{port}", lines
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            code = server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
+    assert code == 0, "".join(lines)
+
+
+def test_serve_answers_as_sample_does_with_its_threads_and_stops_on_sigterm(digits_export, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAY_ADDRESS")}
+    with running_serve(digits_export, "--torch-threads", "2") as (base, lines):
         banner = next(line for line in lines if "ready in" in line)
-        assert "2 CPU threads (--torch-threads) per replica" in banner and f"127.0.0.1:{port}" in banner
-        base = f"http://127.0.0.1:{port}"
+        assert "2 CPU threads (--torch-threads) per replica" in banner and base.removeprefix("http://") in banner
         assert get(base + "/v1/models")["models"][0]["threads"] == 2
         answer = get(base + "/v1/images", {"class_labels": [3, 1], "steps": 6, "sampler": "dpmpp-2m", "seed": 7})
         # The same request through `sample`, on the same backend and threads.
@@ -53,14 +70,6 @@ def test_serve_answers_as_sample_does_with_its_threads_and_stops_on_sigterm(digi
         lone = np.load(npz)["arr_0"]
         served = np.stack([png_pixels(image) for image in answer["images"]])
         assert np.array_equal(served.reshape(lone.shape), lone)
-    finally:
-        server.send_signal(signal.SIGTERM)  # as `kill` or `docker stop`; Ctrl-C takes the same path
-        try:
-            code = server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            raise
-    assert code == 0, "".join(lines)
 
 
 def test_the_load_benchmark_runs_all_three_modes_and_answers_every_request(digits_export, tmp_path):

@@ -4,7 +4,7 @@ import torch
 
 from ditexport.pipeline import Pipeline
 from ditexport.sampler import SamplerConfig
-from ditexport.serving.backend import open_served_backend
+from ditexport.backends.open import open_export_backend
 from ditexport.serving.engine import BatchingEngine, ImageRequest, QueueFullError, RequestError
 
 TORCH_CPU_INVARIANT_ROWS = 4  # see below: torch's CPU linear layers are bitwise batch-invariant from 4 rows
@@ -30,7 +30,7 @@ def make_request(labels, seed, settings):
 def backend(request, digits_export, one_torch_thread):
     # onnxruntime splits the engine's batches at 8 rows; torch does not, since a torch split could leave a
     # 1-3 row tail chunk, which torch's CPU kernels compute in other bits (see the last test).
-    return open_served_backend(digits_export, backend=request.param,
+    return open_export_backend(digits_export, request.param,
                                max_batch=8 if request.param == "onnxruntime" else None)
 
 
@@ -143,7 +143,7 @@ def test_onnxruntime_is_batch_invariant_on_two_threads_too(digits_export):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        backend = open_served_backend(digits_export, backend="onnxruntime")
+        backend = open_export_backend(digits_export, "onnxruntime")
     finally:
         torch.set_num_threads(threads)
     c = backend.config

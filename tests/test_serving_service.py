@@ -15,7 +15,7 @@ pytest.importorskip("ray.serve", reason="the service needs Ray Serve: pip instal
 from ditexport.images import to_uint8  # noqa: E402
 from ditexport.pipeline import Pipeline  # noqa: E402
 from ditexport.sampler import SamplerConfig  # noqa: E402
-from ditexport.serving.backend import open_served_backend  # noqa: E402
+from ditexport.backends.open import open_export_backend  # noqa: E402
 from ditexport.limits import RequestLimits  # noqa: E402
 from ditexport.serving.service import deploy, shutdown  # noqa: E402
 from ditexport.serving.settings import ServeSettings, ServiceLimits  # noqa: E402
@@ -79,7 +79,7 @@ def test_concurrent_requests_each_equal_their_lone_sample(service, digits_export
         t.start()
     for t in threads:
         t.join(timeout=300)
-    backend = open_served_backend(digits_export, backend="onnxruntime", max_batch=8)
+    backend = open_export_backend(digits_export, "onnxruntime", max_batch=8)
     pipeline = Pipeline(backend)
     for body, (status, answer) in zip(bodies, results):
         assert status == 200, answer
@@ -189,7 +189,7 @@ def test_the_demo_remote_service_shows_the_services_images(service, digits_expor
     remote = RemoteService(service, display_size=16)
     response = remote.generate(GenerateRequest(class_index=3, num_images=2, steps=4, sampler="ddim", guidance=2.0,
                                                seed=5))
-    backend = open_served_backend(digits_export, backend="onnxruntime", max_batch=8)
+    backend = open_export_backend(digits_export, "onnxruntime", max_batch=8)
     lone = Pipeline(backend).run([3, 3], seed=5, sampler_cfg=SamplerConfig(num_steps=4, method="ddim",
                                                                        guidance_scale=2.0), progress=False)
     assert np.array_equal(to_uint8(response.result.images), to_uint8(lone.images))
@@ -228,7 +228,7 @@ def test_demo_with_server_shows_the_services_images_through_gradio(service, digi
             client.predict(**{**request, "blend_class": 2}, api_name="/generate")
     finally:
         app.close()
-    backend = open_served_backend(digits_export, backend="onnxruntime", max_batch=8)
+    backend = open_export_backend(digits_export, "onnxruntime", max_batch=8)
     lone = Pipeline(backend).run([7, 7], seed=3, sampler_cfg=SamplerConfig(num_steps=5, method="dpmpp-2m"),
                              progress=False)
     shown = [np.asarray(Image.open(item["image"]).convert("RGB")) for item in gallery]

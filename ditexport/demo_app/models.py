@@ -169,7 +169,7 @@ def _export_entry(export_dir: Path, manifest: dict) -> ModelEntry:
     config = DiTConfig.from_dict(manifest["config"])
     export = ExportEntry(export_dir, manifest)
     onnx_paths, cond_paths = export.graph_paths("xty"), export.graph_paths("cond")
-    load_torch, source, note = _export_torch_loader(manifest)
+    load_torch, source, note = _export_torch_loader(manifest, export_dir)
     name = manifest.get("model_name") or manifest.get("model") or ""
     if config == DIT_CONFIGS["DiT-digits"]:  # that config exists only for the digits model
         name = "digits"
@@ -179,7 +179,7 @@ def _export_entry(export_dir: Path, manifest: dict) -> ModelEntry:
                       engine_paths=_engine_plans(export_dir), note=note, export_dir=export_dir)
 
 
-def _export_torch_loader(manifest: dict) -> tuple[Callable[[], DiT] | None, str, str]:
+def _export_torch_loader(manifest: dict, export_dir: Path) -> tuple[Callable[[], DiT] | None, str, str]:
     """A loader of the reference model an export came from, where its weights are still here; a description
     of the weights; and a note when there is no torch model (the graphs still run)."""
     from ..source import ModelSource
@@ -187,5 +187,5 @@ def _export_torch_loader(manifest: dict) -> tuple[Callable[[], DiT] | None, str,
     source = ModelSource.from_manifest(manifest)
     if source.available():
         # load_recorded refuses weights whose SHA-256 changed since the export, with the rebuild command.
-        return (lambda: source.load_recorded(manifest)), source.describe(), ""
+        return (lambda: source.load_recorded(manifest, export_dir=export_dir)), source.describe(), ""
     return None, source.describe(), "the weights this export came from are not on this machine: no torch backend"

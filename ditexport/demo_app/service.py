@@ -59,6 +59,7 @@ class DemoService:
         self.device = torch.device(device)
         self.display_size = display_size
         self.decoder = decoder
+        self._decoders: dict[tuple[str, str], object] = {}
         self._backends: dict[tuple[str, str], Backend] = {}
         self._backend_lock = threading.Lock()
         # Requests for one runtime wait for each other; requests for different runtimes do not.
@@ -97,6 +98,21 @@ class DemoService:
                 self._backends[(key, choice)] = self._make_backend(entry, choice)
             return self._backends[(key, choice)]
 
+    def decoder_for(self, key: str, choice: str):
+        """The decoder of a model on a menu choice: an export's VAE decoder graph on the same runtime, where the
+        export was built with --vae; else the demo's own (--vae in diffusers, or none), created once and kept."""
+        from ..backends.open import open_decoder
+
+        entry = self.entry(key)
+        runtime, precision = parse_backend_choice(choice)
+        with self._backend_lock:
+            if (key, choice) not in self._decoders:
+                own = None
+                if entry.export_dir is not None and runtime != "torch":
+                    own = open_decoder("auto", entry.export_dir, runtime, precision, device=self.device)
+                self._decoders[(key, choice)] = own or self.decoder
+            return self._decoders[(key, choice)]
+
     def _make_backend(self, entry: ModelEntry, choice: str) -> Backend:
         from ..backends.open import open_backend
 
@@ -108,10 +124,15 @@ class DemoService:
                             threads=torch.get_num_threads() if runtime == "onnxruntime" else None)  # torch's CPU budget
 
     def close(self) -> None:
+        """Releases every backend and export decoder this demo opened."""
         with self._backend_lock:
             for backend in self._backends.values():
                 backend.close()
+            for decoder in self._decoders.values():
+                if decoder is not self.decoder:
+                    getattr(decoder, "close", lambda: None)()
             self._backends.clear()
+            self._decoders.clear()
 
     # -- one request -----------------------------------------------------------------------------
 
@@ -174,7 +195,7 @@ class DemoService:
                 on_wait(f"waiting for the {runtime} backend (busy with another request)")
             slot.acquire()
         try:
-            result = Pipeline(runner, self.decoder).run([int(r.class_index)] * int(r.num_images), seed=int(r.seed),
+            result = Pipeline(runner, self.decoder_for(r.model, r.backend)).run([int(r.class_index)] * int(r.num_images), seed=int(r.seed),
                                                     sampler_cfg=sampler_cfg, progress=progress)
         finally:
             slot.release()

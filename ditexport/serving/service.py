@@ -45,18 +45,20 @@ def build_app(settings: ServeSettings, num_replicas: int = 1):
 
             from ..artifacts import read_manifest
             from .api import ImageAPI, model_info, served_class_names
-            from .backend import open_served_backend
+            from ..backends.open import open_decoder, open_export_backend
             from .engine import BatchingEngine
             from .settings import body_limit
 
             s = ServeSettings.from_dict(settings_dict)
             torch.set_num_threads(s.threads)  # ONNX Runtime's sessions follow torch's count
-            backend = open_served_backend(s.export_dir, s.backend, s.precision, s.device, s.max_batch)
+            backend = open_export_backend(s.export_dir, s.backend, s.precision, device=s.device, max_batch=s.max_batch)
+            # A latent export built with --vae decodes with its decoder graph on the DiT's runtime.
+            decoder = open_decoder("auto", s.export_dir, s.backend, s.precision, device=backend.device)
             self.info = model_info(s.export_dir, backend)
             names = served_class_names(read_manifest(s.export_dir), backend.config.num_classes)
             running = 1 if s.mode == "single" else s.service.max_running_images  # one request at a time
             self.engine = BatchingEngine(backend, max_queue=s.service.max_queue, max_running_images=running,
-                                         limits=s.limits)
+                                         limits=s.limits, decoder=decoder)
             self.api = ImageAPI(self.engine, names, s.limits, s.service, body_limit(s.service, s.limits, names))
             if s.mode == "request-batch":
                 self.api.on_submitted = self.run_group
