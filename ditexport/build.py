@@ -15,7 +15,8 @@ from .artifacts import GRAPH_STEMS, ArtifactError, onnx_filename
 from .hashing import sha256_file
 from .errors import DitexportError
 from .engine.profile import DEFAULT_MAX_BATCH_IMAGES, BatchProfile
-from .export import DEFAULT_OPSET, GRAPHS, PRECISIONS, export_graphs, io_spec
+from .export import (DEFAULT_OPSET, DEFAULT_PRECISIONS, GRAPHS, PRECISIONS, QUANT_PRECISIONS, CalibrationSettings,
+                     QuantRecipe, export_graphs, io_spec)
 from .model import DiT, DiTConfig
 from .progress import heartbeat
 from .source import ModelSource
@@ -25,12 +26,20 @@ LOG = get_logger("build")
 
 
 def parse_precisions(text: str) -> tuple[str, ...]:
-    """"fp32,fp16" -> ("fp32", "fp16"); fp32 always comes along, being the graph fp16 is checked against."""
+    """"fp32,fp16,int8" -> ("fp32", "fp16", "int8"); fp32 always comes along, being the graph the others are
+    derived from and checked against."""
     asked = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in asked if p not in PRECISIONS]
     if unknown or not asked:
         raise DitexportError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}, got {text!r}")
     return tuple(p for p in PRECISIONS if p in asked or p == "fp32")
+
+
+def quantization_inputs(precisions, calibration: CalibrationSettings | None, recipe: QuantRecipe | None) -> dict | None:
+    """The recipe and calibration settings of an export's 8-bit graphs (None without any)."""
+    if not any(p in QUANT_PRECISIONS for p in precisions):
+        return None
+    return {"recipe": (recipe or QuantRecipe()).to_dict(), "calibration": (calibration or CalibrationSettings()).to_dict()}
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -66,15 +75,19 @@ def check_source(manifest: dict, export_dir: Path, *, model: str | None = None, 
 
 # ------------------------------------------------------------------------------------------- build
 
-def build_inputs(config: DiTConfig, source: dict, precisions, max_images: int, opset: int) -> dict:
+def build_inputs(config: DiTConfig, source: dict, precisions, max_images: int, opset: int,
+                 quantization: dict | None = None) -> dict:
     """Everything that decides an export's bytes; equal inputs mean the build can be skipped."""
     if source.get("checkpoint"):
         weights = source["checkpoint"]["sha256"]
     else:
         weights = source.get("weights_sha256") or f"random weights, seed {source.get('seed')}"
-    return {"manifest_format": artifacts.MANIFEST_FORMAT, "config": config.to_dict(), "weights": weights,
-            "precisions": list(precisions), "graphs": list(GRAPHS), "max_images": max_images, "opset": opset,
-            "tools": artifacts.tool_versions()}
+    inputs = {"manifest_format": artifacts.MANIFEST_FORMAT, "config": config.to_dict(), "weights": weights,
+              "precisions": list(precisions), "graphs": list(GRAPHS), "max_images": max_images, "opset": opset,
+              "tools": artifacts.tool_versions()}
+    if quantization is not None:
+        inputs["quantization"] = quantization
+    return inputs
 
 
 def up_to_date(export_dir: Path, inputs: dict, log=LOG.info) -> str | None:
@@ -105,12 +118,13 @@ def _remove_outputs(export_dir: Path) -> None:
 
 def _check_free_space(export_dir: Path, model: DiT, precisions, reclaimed: int = 0) -> None:
     """Refuses, before anything is deleted or written, a disk that cannot hold the graphs: a lower bound of
-    4 bytes per parameter per fp32 graph and 2 per fp16 graph (xty and cond each), against the free space
-    plus what the rebuild deletes (`reclaimed` bytes)."""
+    4 bytes per parameter per fp32 graph, 2 per fp16 graph and 1 per 8-bit graph (int8: 2, with its CPU form;
+    xty and cond each), against the free space plus what the rebuild deletes (`reclaimed` bytes)."""
     import shutil
 
+    per_parameter = {"fp32": 4, "fp16": 2, "int8": 2, "fp8": 1}
     params = sum(p.numel() for p in model.parameters())
-    need = params * len(GRAPHS) * sum(4 if p == "fp32" else 2 for p in precisions)
+    need = params * len(GRAPHS) * sum(per_parameter[p] for p in precisions)
     existing = next(p for p in (export_dir, *export_dir.parents) if p.exists())
     have = shutil.disk_usage(existing).free + reclaimed
     if need > have:
@@ -128,7 +142,11 @@ def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log, rebu
         return {"status": "skipped", "reason": reason}
     precision = "fp16" if "fp16" in precisions else "fp32"
     plans = {}
-    for graph, stem in GRAPH_STEMS.items():
+    # The 8-bit graphs' TensorRT form gets plans of its own, `<stem>.<precision>.<gpu>.<trt>.plan` (strongly typed
+    # from the Q/DQ graph, like the fp16 plan from its graph).
+    builds = [(graph, stem, precision) for graph, stem in GRAPH_STEMS.items()]
+    builds += [(graph, f"{stem}.{p}", p) for p in precisions if p in QUANT_PRECISIONS for graph, stem in GRAPH_STEMS.items()]
+    for graph, stem, precision in builds:
         onnx_path = export_dir / onnx_filename(graph, precision)
         plan_path = engine.plan_path_for(export_dir, stem)
         start = time.perf_counter()
@@ -141,16 +159,22 @@ def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log, rebu
     return {"status": "built", "plans": plans}
 
 
-def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions=PRECISIONS,
+def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions=DEFAULT_PRECISIONS,
                  max_images: int = DEFAULT_MAX_BATCH_IMAGES, opset: int | None = None, force: bool = False,
                  sample_steps: int | None = None, model_name: str = "", rebuild_command: str | None = None,
-                 build_flags: list[str] | None = None, wait: bool = True, log=LOG.info) -> int:
+                 build_flags: list[str] | None = None, wait: bool = True,
+                 calibration: CalibrationSettings | None = None, recipe: QuantRecipe | None = None,
+                 log=LOG.info) -> int:
     """Export -> validate -> engine; returns the exit code (0 passed or up to date, 1 validation failed).
 
     Holds the export directory's build lock throughout (another build waits, or with wait=False is refused);
-    an up-to-date export is only read, so it may sit on a read-only file system.
+    an up-to-date export is only read, so it may sit on a read-only file system. `calibration` and `recipe`
+    shape the int8/fp8 graphs (export/calibrate.py, export/quantize.py); they are checked before anything runs.
     """
     export_dir = Path(export_dir)
+    if any(p in QUANT_PRECISIONS for p in precisions):
+        (calibration or CalibrationSettings()).check()
+        (recipe or QuantRecipe()).check()
     created = not export_dir.exists()
     if created:  # refuse a full or unwritable disk before a directory appears
         _check_free_space(export_dir, model, precisions)
@@ -160,6 +184,7 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions
             return _build_locked(model, source, export_dir, precisions=precisions, max_images=max_images,
                                  opset=opset or DEFAULT_OPSET, force=force, sample_steps=sample_steps,
                                  model_name=model_name, build_flags=build_flags, log=log,
+                                 calibration=calibration, recipe=recipe,
                                  rebuild_command=rebuild_command or artifacts.rebuild_command(export_dir, build_flags))
     except BaseException:
         if created:  # a build that made its directory and failed leaves nothing behind
@@ -170,9 +195,11 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, *, precisions
 
 
 def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max_images: int, opset: int,
-                  force: bool, sample_steps, model_name: str, build_flags, rebuild_command: str, log) -> int:
+                  force: bool, sample_steps, model_name: str, build_flags, rebuild_command: str, log,
+                  calibration: CalibrationSettings | None = None, recipe: QuantRecipe | None = None) -> int:
     start = time.perf_counter()
-    inputs = build_inputs(model.config, source, precisions, max_images, opset)
+    inputs = build_inputs(model.config, source, precisions, max_images, opset,
+                          quantization_inputs(precisions, calibration, recipe))
     profile = BatchProfile.for_images(max_images, guided=model.config.has_null_class)
     writable = artifacts.write_problem(export_dir) is None
     if writable and (removed := locking.remove_stale_temporaries(export_dir, legacy=True)):
@@ -192,7 +219,8 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
         f"up to {max_images} images per request)")
     artifacts.fault_point("build:old-export-removed")
     try:
-        paths = export_graphs(model, export_dir, precisions=precisions, opset=opset, log=log)
+        paths = export_graphs(model, export_dir, precisions=precisions, opset=opset, calibration=calibration,
+                              recipe=recipe, log=log)
         report = _validate_and_report(export_dir, model, model_name, sample_steps, opset, log)
         engine = (_engine_stage(export_dir, precisions, profile, log, rebuild_command) if report.passed
                   else {"status": "skipped", "reason": "validation failed"})
@@ -215,7 +243,9 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
             "build_flags": list(build_flags or []),
             "inputs": inputs,
             "io_spec": io_spec(model.config, max_images, opset),
-            "graphs": [{"graph": g, "precision": p, "file": path.name} for (g, p), path in paths.items()],
+            "graphs": [{"graph": key[0], "precision": key[1], **({"form": key[2]} if len(key) > 2 else {}),
+                        "file": path.name} for key, path in paths.items()],
+            "quantization": _quantization_records(paths),
             "files": files,
             "validation": {"passed": report.passed, "report": artifacts.REPORT_NAME},
             "engine": engine,
@@ -238,6 +268,17 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
     log(f"build: {'done' if report.passed else 'FAILED'} in {manifest['build_seconds']:.1f} s; "
         f"manifest {export_dir / artifacts.MANIFEST_NAME}")
     return 0 if report.passed else 1
+
+
+def _quantization_records(paths: dict) -> dict:
+    """Per 8-bit graph file: its recipe, calibration and scales' hash, as the graph's metadata records them."""
+    from .export import quantization_record
+
+    records = {}
+    for key, path in paths.items():
+        if key[1] in QUANT_PRECISIONS:
+            records[path.name] = quantization_record(path)
+    return records
 
 
 def _check_engines(export_dir: Path, model: DiT, report, log) -> None:
