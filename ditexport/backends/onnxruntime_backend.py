@@ -8,8 +8,11 @@ import numpy as np
 import torch
 
 from ..errors import DitexportError
+from ..logs import get_logger
 from ..model import DiTConfig
 from .base import Backend
+
+LOG = get_logger("onnxruntime")
 
 if TYPE_CHECKING:  # onnxruntime ships no stubs; its Python wrapper classes type-check the I/O-binding calls
     from onnxruntime import InferenceSession
@@ -94,20 +97,44 @@ def session_options(threads: int | None = None, optimization: str = GRAPH_OPTIMI
     return options
 
 
+def has_fp8(path: str | Path) -> bool:
+    """Whether a graph holds FP8 tensors (read without its weights)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+           onnx.TensorProto.FLOAT8E5M2FNUZ}
+    return any(t.data_type in fp8 for t in proto.graph.initializer)
+
+
 def load_session(path: str | Path, providers: list | None = None, threads: int | None = None,
                  optimization: str = GRAPH_OPTIMIZATION):
-    """An InferenceSession, or one OnnxRuntimeError naming the file for a missing, corrupt or truncated graph."""
+    """An InferenceSession, or one OnnxRuntimeError naming the file for a missing, corrupt or truncated graph.
+
+    ONNX Runtime up to 1.30 refuses FP8 Q/DQ graphs with float inputs above the basic optimisation level (a
+    fusion matches FP8 nodes it cannot run, microsoft/onnxruntime#22269); such a graph is loaded at "basic".
+    """
     ort = _import_onnxruntime()
     path = Path(path)
     if not path.is_file():
         raise OnnxRuntimeError(f"ONNX graph not found: {path}")
+    providers = exact_fp32_providers(providers or default_providers(), cuda_index())
     try:
-        return ort.InferenceSession(str(path), session_options(threads, optimization),
-                                    providers=exact_fp32_providers(providers or default_providers(), cuda_index()))
+        return ort.InferenceSession(str(path), session_options(threads, optimization), providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OnnxRuntimeError(f"cannot load ONNX graph {path} (corrupt, truncated or incomplete?): "
-                               f"{first_line}") from None
+        error = e
+    if optimization not in ("basic", "disable") and has_fp8(path):
+        try:
+            session = ort.InferenceSession(str(path), session_options(threads, "basic"), providers=providers)
+        except Exception:
+            pass
+        else:
+            LOG.info(f"onnxruntime {ort.__version__} refused the FP8 graph {path.name} at optimisation level "
+                     f"{optimization!r}; loaded it at 'basic' (microsoft/onnxruntime#22269)")
+            return session
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise OnnxRuntimeError(f"cannot load ONNX graph {path} (corrupt, truncated or incomplete?): "
+                           f"{first_line}") from None
 
 
 def graph_metadata(session) -> dict[str, str]:
@@ -141,6 +168,7 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(config, device, torch.float32, max_batch)
         meta = graph_metadata(self.session)
         self.precision = meta.get("ditexport.precision", "fp32")
+        self.form = meta.get("ditexport.form", "")  # 8-bit graphs: "tensorrt" or "cpu"
         self._check_graph(self.session, ("x", "t", "y"), self.onnx_path)
         if self.cond_session is not None and cond_path is not None:
             self._check_graph(self.cond_session, ("x", "c"), Path(cond_path))
@@ -198,7 +226,8 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         provider = "CUDA, TF32 off" if self.device.type == "cuda" else "CPU"
-        return f"{self.name} ({self.precision}, {provider}, {self.onnx_path.name})"
+        form = f" {self.form} form" if self.form else ""
+        return f"{self.name} ({self.precision}{form}, {provider}, {self.onnx_path.name})"
 
     def close(self) -> None:
         # Drops the sessions and their memory; the backend cannot run afterwards.

@@ -39,6 +39,13 @@ def open_backend(kind: str, precision: str = "fp32", *, model=None, config=None,
     this machine's plan there, or `plan`, an engine built apart from the export). A mismatch names `rebuild_hint`.
     """
     check_available(kind, device)
+    from ..precisions import PRECISIONS, QUANT_PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise DitexportError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if kind == "torch" and precision in QUANT_PRECISIONS:
+        raise DitexportError(f"the torch backend computes in fp32 or fp16; {precision} graphs run on the onnxruntime "
+                             "or tensorrt backend (build them with --precision fp32,fp16," + precision + ")")
     if kind == "torch":
         from .torch_backend import TorchBackend
 
@@ -56,7 +63,7 @@ def open_backend(kind: str, precision: str = "fp32", *, model=None, config=None,
 
         # The plan is checked against the SHA-256 in its metadata as it loads.
         return TensorRTBackend(plan, config, max_batch=max_batch, device=device)
-    return _open_tensorrt(Path(export_dir), config, device, max_batch, rebuild_hint)
+    return _open_tensorrt(Path(export_dir), config, device, max_batch, rebuild_hint, precision)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -76,10 +83,11 @@ def _open_onnxruntime(export_dir: Path, precision: str, config, device, max_batc
             command = (hint or rebuild_command(export_dir)).removesuffix(" --force")
             raise DitexportError(f"no ONNX export in {export_dir}; build it first with: {command}")
         entry = open_export(export_dir, config, [], hint, all_sizes=all_sizes)
-        onnx_path, cond_path = entry.graph_path("xty", precision), entry.graph_path("cond", precision)
+        form = _onnxruntime_form(entry, precision, providers, device)
+        onnx_path, cond_path = entry.graph_path("xty", precision, form), entry.graph_path("cond", precision, form)
         if onnx_path is None:
-            raise DitexportError(f"the export in {export_dir} has no {precision} graph; rebuild it with "
-                                 f"--precision fp32,{precision}")
+            raise DitexportError(f"the export in {export_dir} has no {precision} graph; rebuild it with: "
+                                 f"{_with_precision(hint, entry, export_dir, precision)}")
         verify_export(export_dir, [p for p in (onnx_path, cond_path) if p is not None], rebuild=hint,
                       all_sizes=all_sizes)
         return OnnxRuntimeBackend(onnx_path, _entry_config(entry, config), max_batch=max_batch, cond_path=cond_path,
@@ -87,18 +95,54 @@ def _open_onnxruntime(export_dir: Path, precision: str, config, device, max_batc
                                   device=None if isinstance(device, str) and device == "auto" else _device(device))
 
 
-def _open_tensorrt(export_dir: Path, config, device: torch.device, max_batch, hint) -> Backend:
+def _onnxruntime_form(entry, precision: str, providers, device) -> str:
+    """The graph form ONNX Runtime runs: an 8-bit graph's CPU form on the CPU provider, where the export has one
+    (the same quantized values; the TensorRT form's fp16 parts are slow there), else the graph itself."""
+    from .onnxruntime_backend import CPU, default_providers, provider_names
+
+    if entry.graph_path("xty", precision, "cpu") is None:
+        return ""
+    device = None if isinstance(device, str) and device == "auto" else _device(device)
+    return "cpu" if provider_names(providers or default_providers(device))[0] == CPU else ""
+
+
+def _with_precision(hint: str | None, entry, export_dir: Path, precision: str) -> str:
+    """The build command of this export with `precision` added to the precisions it has."""
+    import shlex
+
+    from ..artifacts import manifest_flags, rebuild_command
+    from ..precisions import PRECISIONS
+
+    have = [p for p in PRECISIONS if entry.graph_path("xty", p) is not None]
+    wanted = ",".join(p for p in PRECISIONS if p in have or p == precision)
+    flags = shlex.split(hint)[4:-3] if hint else manifest_flags(entry.manifest)
+    words = []
+    skip = False
+    for word in flags:  # the recorded --precision is replaced
+        if skip:
+            skip = False
+        elif word == "--precision":
+            skip = True
+        else:
+            words.append(word)
+    return rebuild_command(export_dir, [*words, "--precision", wanted])
+
+
+def _open_tensorrt(export_dir: Path, config, device: torch.device, max_batch, hint, precision: str = "fp16") -> Backend:
     from ..build import open_export
     from ..engine import EngineError, current_environment, find_plan
     from ..locking import read_lock
+    from ..precisions import QUANT_PRECISIONS
     from .tensorrt_backend import TensorRTBackend
 
+    # 8-bit graphs have plans of their own (`model.int8.<gpu>.<trt>.plan`); fp32/fp16: the export's one plan.
+    suffix = f".{precision}" if precision in QUANT_PRECISIONS else ""
     with read_lock(export_dir):
         entry = open_export(export_dir, config, [], hint)  # validated, from this model
         env = current_environment(device)  # the plan for the GPU asked for (cuda:N), not the current one
-        plan = find_plan(export_dir, environment=env)
+        plan = find_plan(export_dir, stem=f"model{suffix}", environment=env)
         try:
-            cond_plan = find_plan(export_dir, stem="cond", environment=env)
+            cond_plan = find_plan(export_dir, stem=f"cond{suffix}", environment=env)
         except EngineError:
             cond_plan = None  # the conditioning-vector engine is optional
         # The plans are checked against the SHA-256 in their metadata as they load.

@@ -153,24 +153,48 @@ def cmd_export_vae(args) -> int:
 
 # ------------------------------------------------------------------------------------- build, validate
 
+def quantization_settings(args):
+    """--calib-images, --calib-steps, --calib-amax and --quantize as the library's settings, checked before any
+    work; a setting out of range is one line naming its flag."""
+    from ..precisions import CalibrationSettings, QuantizationError, QuantRecipe
+
+    calibration = CalibrationSettings(images=args.calib_images, steps=args.calib_steps)
+    recipe = QuantRecipe(layers=tuple(n.strip() for n in args.quantize.split(",") if n.strip()),
+                         activation_amax=args.calib_amax)
+    flags = {"calib_images": "--calib-images", "calib_steps": "--calib-steps", "layers": "--quantize",
+             "activation_amax": "--calib-amax"}
+    try:
+        calibration.check()
+        recipe.check()
+    except QuantizationError as e:
+        raise DitexportError(f"{flags.get(e.field, e.field)}: {e}") from None
+    return calibration, recipe
+
+
 def cmd_build(args) -> int:
     from ..artifacts import rebuild_command
     from ..build import build_export, parse_precisions
+    from ..precisions import DEFAULT_PRECISIONS, CalibrationSettings, QuantRecipe
 
     precisions = parse_precisions(args.precision)
+    calibration, recipe = quantization_settings(args)
     out = export_dir_of(args)
     model, resolved = load_cli_model(args)
     source = resolved.to_manifest()
     print(f"model: {resolved.describe()}; {set_threads(args, model.config.hidden_size)}")
     # Hints (and engine errors) quote the command that rebuilds this export: the user's flags, forced.
     flags = model_flags(args) or ["--model", "digits"]
-    for flag, value, default in (("--precision", args.precision, "fp32,fp16"), ("--max-batch", args.max_batch, 8),
-                                 ("--opset", args.opset, None)):
+    for flag, value, default in (("--precision", args.precision, ",".join(DEFAULT_PRECISIONS)),
+                                 ("--max-batch", args.max_batch, 8), ("--opset", args.opset, None),
+                                 ("--calib-images", args.calib_images, CalibrationSettings.images),
+                                 ("--calib-steps", args.calib_steps, CalibrationSettings.steps),
+                                 ("--calib-amax", args.calib_amax, QuantRecipe.activation_amax),
+                                 ("--quantize", args.quantize, ",".join(QuantRecipe.layers))):
         if value != default:
             flags += [flag, str(value)]
     return build_export(model, source, out, precisions=precisions, max_images=args.max_batch, opset=args.opset,
                         force=args.force, sample_steps=args.sample_steps, rebuild_command=rebuild_command(out, flags),
-                        build_flags=flags, wait=not args.no_wait,
+                        build_flags=flags, wait=not args.no_wait, calibration=calibration, recipe=recipe,
                         model_name=args.model or (Path(args.checkpoint).name if args.checkpoint else "digits"))
 
 

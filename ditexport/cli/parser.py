@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 
 from .commands import cmd_bench, cmd_build, cmd_demo, cmd_export_vae, cmd_gpu_check, cmd_train_digits, cmd_validate
+from ..precisions import (ACTIVATION_AMAX, CALIBRATION_LIMITS, DEFAULT_PRECISIONS, PRECISIONS, QUANTIZABLE,
+                          CalibrationSettings, QuantRecipe)
 from .sampling import cmd_eval, cmd_info, cmd_sample
 from ..serving.command import add_serve_parser
 
@@ -101,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images when --classes is not given, cycling through the classes (default: 8)")
     p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default: cpu)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                   help="torch: fp16 on any device (fp16 on the CPU is slow but correct); onnxruntime/tensorrt: "
-                        "the export's graph of this precision (default: fp32)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="torch: fp32 or fp16 (fp16 on the CPU is slow but correct); onnxruntime/tensorrt: the "
+                        "export's graph of this precision (int8 on the CPU runs its CPU form; default: fp32)")
     p.add_argument("--max-batch", type=positive_int, default=None, help="split forwards above this batch")
     p.add_argument("--cuda-graph", action="store_true",
                    help="torch on CUDA: capture the forward in a CUDA graph per batch size and replay it")
@@ -242,8 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", "--out", dest="export_dir", default=None,
                    help="export directory (default: exports/<checkpoint name>, exports/digits, or "
                         "exports/<config>-<size> such as exports/DiT-S-2-256); --out is an alias")
-    p.add_argument("--precision", default="fp32,fp16",
-                   help="comma-separated graph precisions; fp32 is always built, as the reference (default: fp32,fp16)")
+    p.add_argument("--precision", default=",".join(DEFAULT_PRECISIONS),
+                   help=f"comma-separated graph precisions of {', '.join(PRECISIONS)}; fp32 is always built, as the "
+                        f"reference (default: {','.join(DEFAULT_PRECISIONS)}); int8/fp8 are calibrated Q/DQ graphs "
+                        "(docs/quantization.md)")
+    g = p.add_argument_group("8-bit graphs (int8, fp8)")
+    g.add_argument("--calib-images", type=int, default=CalibrationSettings.images, metavar="N",
+                   help=f"images sampled to calibrate, {CALIBRATION_LIMITS['images'][0]} to "
+                        f"{CALIBRATION_LIMITS['images'][1]} (default: {CalibrationSettings.images})")
+    g.add_argument("--calib-steps", type=int, default=CalibrationSettings.steps, metavar="N",
+                   help=f"sampler steps of each calibration run, {CALIBRATION_LIMITS['steps'][0]} to "
+                        f"{CALIBRATION_LIMITS['steps'][1]} (default: {CalibrationSettings.steps}, "
+                        f"{CalibrationSettings.method})")
+    g.add_argument("--calib-amax", choices=ACTIVATION_AMAX, default=QuantRecipe.activation_amax,
+                   help=f"activation range: the largest |x| seen, or the largest per-call {QuantRecipe.percentile} "
+                        f"percentile (default: {QuantRecipe.activation_amax})")
+    g.add_argument("--quantize", default=",".join(QuantRecipe.layers), metavar="LAYERS",
+                   help=f"comma-separated GEMMs to quantize, of {', '.join(QUANTIZABLE)} (default: "
+                        f"{','.join(QuantRecipe.layers)}; the rest stay in the fp16 graph's precision)")
     p.add_argument("--max-batch", type=positive_int, default=8,
                    help="images per request the engine profile covers; guidance doubles the rows (default: 8)")
     p.add_argument("--opset", type=int, default=None,

@@ -5,6 +5,8 @@ import argparse
 import signal
 import threading
 
+from ..precisions import PRECISIONS
+
 
 def add_serve_parser(sub, positive_int, add_threads_argument) -> None:
     p = sub.add_parser("serve", help="serve an export over HTTP with Ray Serve",
@@ -12,7 +14,9 @@ def add_serve_parser(sub, positive_int, add_threads_argument) -> None:
                                    "GET /healthz) with Ray Serve and step-level continuous batching.")
     p.add_argument("--export-dir", required=True, help="the validated export to serve")
     p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="onnxruntime")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the export's graph (onnxruntime: int8 runs its CPU form on the CPU) or plan of this "
+                        "precision; torch: fp32 or fp16 (default: fp32)")
     p.add_argument("--device", default="cpu", help="torch backend: cpu or cuda (default: cpu)")
     p.add_argument("--max-batch", type=positive_int, default=None, help="split forwards above this batch")
     p.add_argument("--port", type=positive_int, default=8000, help="HTTP port (default: 8000)")
