@@ -10,9 +10,16 @@ from ..errors import DitexportError
 from .base import Backend, resolve_device
 
 
-def check_available(kind: str, device: str | torch.device = "auto") -> None:
-    """The cheap checks of a backend (its runtime, the GPU it needs), made before a model is built (DiT-XL/2
-    takes about 25 s), so that a missing runtime or GPU is refused at once."""
+def check_available(kind: str, device: str | torch.device = "auto", precision: str = "fp32") -> None:
+    """The cheap checks of a backend (its runtime, the GPU it needs, the precisions it computes in), made before
+    a model is built (DiT-XL/2 takes about 25 s), so that a missing runtime or GPU is refused at once."""
+    from ..precisions import PRECISIONS, QUANT_PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise DitexportError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if kind == "torch" and precision in QUANT_PRECISIONS:
+        raise DitexportError(f"the torch backend computes in fp32 or fp16; {precision} graphs run on the onnxruntime "
+                             f"or tensorrt backend (build them with --precision fp32,fp16,{precision})")
     if kind == "tensorrt":
         from ..engine import EngineError, tensorrt_unavailable_reason
 
@@ -38,14 +45,7 @@ def open_backend(kind: str, precision: str = "fp32", *, model=None, config=None,
     torch runs `model`; onnxruntime and tensorrt run the validated export of `config` in `export_dir` (tensorrt:
     this machine's plan there, or `plan`, an engine built apart from the export). A mismatch names `rebuild_hint`.
     """
-    check_available(kind, device)
-    from ..precisions import PRECISIONS, QUANT_PRECISIONS
-
-    if precision not in PRECISIONS:
-        raise DitexportError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    if kind == "torch" and precision in QUANT_PRECISIONS:
-        raise DitexportError(f"the torch backend computes in fp32 or fp16; {precision} graphs run on the onnxruntime "
-                             "or tensorrt backend (build them with --precision fp32,fp16," + precision + ")")
+    check_available(kind, device, precision)
     if kind == "torch":
         from .torch_backend import TorchBackend
 

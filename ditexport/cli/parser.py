@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance scale; the unguided scale 1 is always measured beside it (default: 4.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default: cpu)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+                   help="run the torch model, or the export's graphs or plans (default: torch)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the precision to run (onnxruntime/tensorrt: the export's graph of it; default: fp32)")
+    p.add_argument("--export-dir", default=None,
+                   help="export to run with --backend onnxruntime/tensorrt (default: exports/<model name>)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this path")
     add_threads_argument(p)
     p.set_defaults(func=cmd_eval)

@@ -58,7 +58,7 @@ def check_backend_available(args) -> None:
     from ..backends.open import check_available
 
     check_device_name(args.device)
-    check_available(args.backend, args.device)
+    check_available(args.backend, args.device, getattr(args, "precision", "fp32"))
 
 
 def cmd_sample(args) -> int:
@@ -125,10 +125,16 @@ def cmd_eval(args) -> int:
     from ..zoo.digits_eval import evaluate_digits
 
     device = resolve_device(args.device)  # before the model: a missing GPU is refused at once
+    check_backend_available(args)
     resolved = ModelSource.resolve(args.model, args.checkpoint, args.config)
     model, source = resolved.load(), resolved.describe()
     threads = set_threads(args, model.config.hidden_size)
-    backend = open_backend("torch", model=model, device=device)
+    if args.backend == "torch":
+        backend = open_backend("torch", args.precision, model=model, device=device)
+    else:
+        export_dir = export_dir_of(args)
+        backend = open_backend(args.backend, args.precision, model=model, export_dir=export_dir, device=args.device,
+                               rebuild_hint=rebuild_hint(args, export_dir))
     unguided = "" if args.cfg_scale == 1 else " and without"
     print(f"model: {source}; backend: {backend.describe()}, {threads}; {args.num_per_class} digits per class, "
           f"{args.steps} {args.sampler} steps, with guidance {args.cfg_scale:g}{unguided}")

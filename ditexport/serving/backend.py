@@ -13,7 +13,7 @@ def open_served_backend(export_dir, backend: str = "onnxruntime", precision: str
     from ..backends.open import check_available, open_backend
     from ..source import ModelSource
 
-    check_available(backend, device)
+    check_available(backend, device, precision)
     if backend == "torch":
         manifest = read_manifest(Path(export_dir))
         model = ModelSource.from_manifest(manifest).load_recorded(manifest)
