@@ -154,10 +154,12 @@ def _end_to_end(backend, name: str, ctx: BenchContext, report: dict) -> dict:
 
 
 def _add_ratios(report: dict) -> None:
-    base = {(r["batch"], r["guided"]): r["ms_per_forward"] for r in report["results"] if r["backend"] == BASELINE}
-    for r in report["results"]:
-        ref = base.get((r["batch"], r["guided"]))
-        r["speedup_vs_torch_eager"] = ref / r["ms_per_forward"] if ref else None
+    """Speed-ups over torch eager and, for the graphs, over the onnxruntime fp32 graph measured in the same run."""
+    for baseline, key in ((BASELINE, "speedup_vs_torch_eager"), ("onnxruntime-fp32", "speedup_vs_onnxruntime_fp32")):
+        base = {(r["batch"], r["guided"]): r["ms_per_forward"] for r in report["results"] if r["backend"] == baseline}
+        for r in report["results"]:
+            ref = base.get((r["batch"], r["guided"]))
+            r[key] = ref / r["ms_per_forward"] if ref else None
 
 
 def _slug(source: str, cfg: DiTConfig) -> str:

@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p)
     p.add_argument("--backends", default=None,
                    help="comma-separated subset of torch-eager, torch-cuda-graph, torch-compile, onnxruntime-fp32, "
-                        "onnxruntime-fp16, tensorrt (default: all; those this machine cannot run are skipped)")
+                        "onnxruntime-fp16, onnxruntime-int8, onnxruntime-fp8, tensorrt (default: all; those this "
+                        "machine cannot run, or whose graph the export lacks, are skipped)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto, the GPU when there is one)")
     p.add_argument("--batch-sizes", type=parse_batch_sizes, default=None,
                    help="guided forward batch sizes, 2 rows per image (default: 2,8,32,64)")
