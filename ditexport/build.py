@@ -383,8 +383,10 @@ def open_export(export_dir: str | Path, config: DiTConfig | None, open_files: li
 
 
 def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_name: str = "",
-                  sample_steps: int | None = None, log=LOG.info) -> tuple[Path, dict]:
-    """The validated export of `model` in `export_dir`, as `build` makes it, built there first when there is none.
+                  sample_steps: int | None = None, precisions=DEFAULT_PRECISIONS,
+                  calibration: CalibrationSettings | None = None, log=LOG.info) -> tuple[Path, dict]:
+    """The validated export of `model` in `export_dir`, as `build` makes it (of `precisions`), built there first
+    when there is none.
 
     An existing export is reused whatever options built it; one of another config or other weights, or one
     that failed validation, is refused with a one-line error, never overwritten.
@@ -393,7 +395,8 @@ def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_nam
     cached = (export_dir / artifacts.MANIFEST_NAME).is_file()
     if not cached:
         log(f"{export_dir}: no complete export yet; building it as `python -m ditexport build` would")
-        build_export(model, source, export_dir, model_name=model_name, sample_steps=sample_steps, log=log)
+        build_export(model, source, export_dir, model_name=model_name, sample_steps=sample_steps,
+                     precisions=precisions, calibration=calibration, log=log)
     # Each consumer verifies the files it opens, so one damaged graph fails its own bench row, not the bench.
     manifest = open_export(export_dir, model.config, open_files=[], all_sizes=False).manifest
     weights = build_inputs(model.config, source, (), 0, 0)["weights"]

@@ -169,7 +169,7 @@ def test_bad_bench_options_are_one_line_errors(capsys, tmp_path):
     assert main(["bench", "--model", "DiT-tiny/2", "--backends", "torch-eager,fastest", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == ("error: unknown bench backend(s) fastest; choose from torch-eager, "
                                                "torch-cuda-graph, torch-compile, onnxruntime-fp32, onnxruntime-fp16, "
-                                               "onnxruntime-int8, onnxruntime-fp8, tensorrt")
+                                               "onnxruntime-int8, onnxruntime-fp8, tensorrt, tensorrt-int8, tensorrt-fp8")
     with pytest.raises(SystemExit):
         main(["bench", "--batch-sizes", "3"])
 

@@ -29,12 +29,12 @@ def test_every_path_is_a_row_measured_or_skipped_with_its_reason(cpu_rows):
         assert 0 < row.ms[2] < row.ms[64]  # 32 times the rows cost more on a CPU
         assert row.sample_finite is True and row.sample_s > 0 and not row.notes
     assert by_path["torch-eager"].rel_err > 10 * by_path["onnxruntime-fp32"].rel_err  # fp16 really ran
-    for path in ("torch-cuda-graph", "torch-compile", "tensorrt"):
+    for path in ("torch-cuda-graph", "torch-compile", "tensorrt", "tensorrt-int8", "tensorrt-fp8"):
         assert by_path[path].status == "skipped" and by_path[path].skipped
     assert "GPU" in by_path["torch-cuda-graph"].skipped
     table = format_table(rows, 50).splitlines()
     assert table[0].split()[:3] == ["model", "path", "prec"] and "sample 50" in table[0]
-    assert len(table) == len(rows) + 2 and table[-1] == "PASSED: 3 ok, 0 failed, 3 skipped"
+    assert len(table) == len(rows) + 2 and table[-1] == "PASSED: 3 ok, 0 failed, 5 skipped"
     assert table[1].split()[:3] == ["digits", "torch-eager", "fp16"] and table[1].endswith("ok")
     assert any("torch-eager: ok" in line for line in logs)
 
