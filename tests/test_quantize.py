@@ -12,6 +12,7 @@ from onnx import TensorProto
 from ditexport.cli import main
 from ditexport.export import (TOLERANCE, CalibrationSettings, QuantizationError, QuantRecipe, calibrate, clean_up,
                               export_onnx, insert_qdq)
+from ditexport.export.calibrate import fake_quantized
 from ditexport.export.quantize import quant_scale
 from ditexport.validate import graph_feed, reference_output, relative_error
 from ditexport.zoo import load_builtin
@@ -50,33 +51,10 @@ def _session(proto):
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _fake_quantized(model, amax: dict, precision: str):
-    """The torch model computing what the Q/DQ graph should: each block GEMM's weight rounded per output channel,
-    its input rounded per tensor, with the scales the rewrite stores (fp16-representable, rounded up)."""
-    import copy
-
-    model = copy.deepcopy(model)
-
-    def rounded(x, scale):
-        if precision == "int8":
-            return torch.clamp(torch.round(x / scale), -128, 127) * scale
-        return torch.clamp(x / scale, -448, 448).to(torch.float8_e4m3fn).float() * scale
-
-    for path, module in model.named_modules():
-        if path in amax:
-            w = module.weight.detach()
-            scales = torch.tensor([quant_scale(a, precision) for a in w.abs().amax(dim=1).tolist()])[:, None]
-            w_q = torch.clamp(torch.round(w / scales), -127, 127) * scales if precision == "int8" else rounded(w, scales)
-            module.weight.data.copy_(w_q)
-            scale = quant_scale(amax[path], precision)
-            module.register_forward_pre_hook(lambda m, inputs, s=scale: (rounded(inputs[0], s),))
-    return model
-
-
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_the_qdq_graph_computes_the_fake_quantized_model(digits, calibration, fp32_graph, precision):
-    """Each kind of GEMM rewritten alone, the fp32 graph on ONNX Runtime equals a torch model with the same rounding
-    written out, to float rounding, while both sit a quantization error away from the fp32 model. (All kinds at
+    """Each kind of GEMM rewritten alone, the fp32 graph on ONNX Runtime equals `fake_quantized`, a torch model with
+    the same rounding written out, to float rounding, while both sit a quantization error away from the fp32 model. (All kinds at
     once differ by ~1e-3: one value rounded to the neighbouring step in one runtime moves every later input.)"""
     feed = graph_feed(digits, "xty", 5, seed=3)
     fp32 = reference_output(digits, "xty", feed).numpy()
@@ -86,7 +64,7 @@ def test_the_qdq_graph_computes_the_fake_quantized_model(digits, calibration, fp
         assert len(done.layers) == digits.config.depth and all(p.endswith(layer) for p in done.layers)
         (out,) = _session(clean_up(proto)).run(None, {k: v.numpy() for k, v in feed.items()})
         amax = {path: a for path, a in calibration.amax.items() if path in done.layers}
-        expected = reference_output(_fake_quantized(digits, amax, precision), "xty", feed).numpy()
+        expected = reference_output(fake_quantized(digits, amax, precision), "xty", feed).numpy()
         # FP8's steps are 1/8 of a value wide: a GELU output 1e-7 apart in the two runtimes crosses one now and then.
         assert relative_error(out, expected)[0] < (1e-5 if precision == "int8" else 1e-3), layer
         assert 1e-3 < relative_error(out, fp32)[0] < TOLERANCE[precision], layer

@@ -125,3 +125,38 @@ def calibrate(model: DiT, settings: CalibrationSettings | None = None, recipe: Q
         model.train(was_training)
     return Calibration({key: r.amax() for key, r in ranges.items()}, settings, recipe, forwards, rows,
                        time.perf_counter() - start, [int(t) for t in sampler.timesteps])
+
+
+def fake_quantized(model: DiT, amax: dict[str, float], precision: str) -> DiT:
+    """A copy of `model` computing what the 8-bit graph computes in fp32 (its CPU form): every Linear named in `amax`
+    takes its weight rounded per output channel and its input rounded per tensor, with the scales the graph stores.
+
+    For analysis (per-layer error at any depth, without exporting); attention's matmuls are not covered.
+    """
+    import copy
+
+    from .quantize import QUANT_MAX, quant_scale
+
+    model = copy.deepcopy(model)
+    qmax = QUANT_MAX[precision]
+
+    def rounded(x: torch.Tensor, scale) -> torch.Tensor:
+        if precision == "int8":
+            return torch.clamp(torch.round(x / scale), -128, 127) * scale
+        return torch.clamp(x / scale, -qmax, qmax).to(torch.float8_e4m3fn).float() * scale
+
+    modules = dict(model.named_modules())
+    for path, a in amax.items():
+        module = modules.get(path)
+        if not isinstance(module, torch.nn.Linear):
+            raise QuantizationError(f"{path} is not a Linear of this model; fake quantization covers Linears only",
+                                    "layers")
+        w = module.weight.detach()
+        scales = torch.tensor([quant_scale(v, precision) for v in w.abs().amax(dim=1).tolist()])[:, None]
+        if precision == "int8":
+            module.weight.data.copy_(torch.clamp(torch.round(w / scales), -127, 127) * scales)
+        else:
+            module.weight.data.copy_(rounded(w, scales))
+        scale = quant_scale(a, precision)
+        module.register_forward_pre_hook(lambda m, inputs, s=scale: (rounded(inputs[0], s),))
+    return model
