@@ -173,9 +173,12 @@ def _quality_backend(export_dir: Path, variant: str, workdir: Path):
     if variant in ("fp32", "int8"):
         return open_backend("onnxruntime", variant, export_dir=export_dir, device="cpu")
     config = DiTConfig.from_dict(read_manifest(export_dir)["config"])
-    precision = variant.split("-")[0]
-    name = {"fp16": "model.fp16.onnx", "int8": "model.int8.onnx", "fp8": "model.fp8.onnx"}[precision]
-    return OnnxRuntimeBackend(emulated_copy(export_dir / name, workdir), config, providers=["CPUExecutionProvider"])
+    if "=" in variant:  # NAME=PATH: another tool's graph of this model (e.g. Model Optimizer's), emulated alike
+        path = Path(variant.split("=", 1)[1])
+    else:
+        path = export_dir / {"fp16": "model.fp16.onnx", "int8": "model.int8.onnx", "fp8": "model.fp8.onnx"}[
+            variant.split("-")[0]]
+    return OnnxRuntimeBackend(emulated_copy(path, workdir), config, providers=["CPUExecutionProvider"])
 
 
 def quality(export_dir: Path, out: Path, variants, seeds, settings, chunk: int, budget_s: float, log=print) -> bool:
@@ -190,7 +193,7 @@ def quality(export_dir: Path, out: Path, variants, seeds, settings, chunk: int, 
             backend = None
             for setting in settings:
                 for seed in seeds:
-                    run = out / f"{variant}.{setting}.seed{seed}"
+                    run = out / f"{variant.split('=')[0]}.{setting}.seed{seed}"
                     if (run / "images.npy").is_file():
                         continue
                     method, steps, guidance = SETTINGS[setting]
@@ -233,7 +236,7 @@ def quality_report(out: Path, variants, seeds, settings, log=print) -> list[dict
         for variant in variants:
             scores = []
             for seed in seeds:
-                path = out / f"{variant}.{setting}.seed{seed}" / "images.npy"
+                path = out / f"{variant.split('=')[0]}.{setting}.seed{seed}" / "images.npy"
                 if not path.is_file():
                     continue
                 images = torch.from_numpy(np.load(path))
@@ -244,13 +247,13 @@ def quality_report(out: Path, variants, seeds, settings, log=print) -> list[dict
                 continue
             a = [s["class_agreement"] for s in scores]
             f = [s["frechet"] for s in scores]
-            row = {"setting": setting, "variant": variant, "seeds": [s["seed"] for s in scores], "scores": scores,
+            row = {"setting": setting, "variant": variant.split("=")[0], "seeds": [s["seed"] for s in scores], "scores": scores,
                    "agreement_mean": statistics.mean(a), "agreement_sd": statistics.stdev(a) if len(a) > 1 else None,
                    "frechet_mean": statistics.mean(f), "frechet_sd": statistics.stdev(f) if len(f) > 1 else None}
             rows.append(row)
             sd_a = f" ± {100 * row['agreement_sd']:.2f}" if row["agreement_sd"] is not None else ""
             sd_f = f" ± {row['frechet_sd']:.3f}" if row["frechet_sd"] is not None else ""
-            log(f"{setting:<15} {variant:<14} seeds {row['seeds']}: agreement {100 * row['agreement_mean']:.2f}{sd_a} %,"
+            log(f"{setting:<15} {row['variant']:<14} seeds {row['seeds']}: agreement {100 * row['agreement_mean']:.2f}{sd_a} %,"
                 f" Fréchet {row['frechet_mean']:.3f}{sd_f}  (seed 0: {100 * a[0]:.1f} %, {f[0]:.3f})")
     log(f"real-vs-real floor (1000 digits): {reference.frechet_floor(1000):.3f}; classifier held-out accuracy "
         f"{100 * reference.held_out_accuracy:.1f} %")
