@@ -106,16 +106,20 @@ def speed(models, batches, variants, threads: int, rounds: int, calls: int, lock
 
 def layers(models, batch: int = 2, log=print) -> list[dict]:
     """Quantization error per GEMM kind (that kind alone quantized) and of the residual stream after each block
-    (everything quantized), vs fp32 torch, on random weights at 256 px."""
+    (everything quantized), vs fp32 torch, on random weights at 256 px (or the trained digits model)."""
     from ditexport.export import calibrate
     from ditexport.export.calibrate import fake_quantized
     from ditexport.validate import graph_feed
 
+    from ditexport.zoo import load_builtin
+
     rows = []
     for name in models:
-        model = create_model(get_config(name, image_size=256), seed=0)
-        with heartbeat(log, f"{name}: calibrating (2 images x 10 steps)"):
-            cal = calibrate(model, CalibrationSettings(images=2, steps=10))
+        # "digits": the trained built-in model with build's default calibration; else random weights at 256 px.
+        model = load_builtin("digits") if name == "digits" else create_model(get_config(name, image_size=256), seed=0)
+        settings = CalibrationSettings() if name == "digits" else CalibrationSettings(images=2, steps=10)
+        with heartbeat(log, f"{name}: calibrating ({settings.images} images x {settings.steps} steps)"):
+            cal = calibrate(model, settings)
         feed = graph_feed(model, "xty", batch, seed=1)
 
         def block_outputs(m):
