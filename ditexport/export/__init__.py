@@ -30,7 +30,7 @@ from ..precisions import CALIBRATION_LIMITS, CalibrationSettings, QuantizationEr
 from .calibrate import Calibration, calibrate
 from .emulation import emulate_fp16, emulated_copy
 from .precision import FP16_POLICY_TEXT, apply_fp16_policy, in_fp16_region, tensor_types
-from .quantize import QUANT_FORMS, insert_qdq
+from .quantize import QUANT_FORMS, QUANT_OPSET, insert_qdq
 from .save import clean_up, initializer_bytes, save_onnx
 from .spec import (DEFAULT_OPSET, DEFAULT_PRECISIONS, DIAGNOSTIC_PRECISIONS, EXTERNAL_DATA_THRESHOLD, GRAPHS,
                    ONNX_ATTENTION_OPSET, PRECISIONS, QUANT_PRECISIONS, TOLERANCE, ExportError, GraphSpec, TensorSpec,
@@ -188,7 +188,8 @@ def export_graphs(model: DiT, out_dir: str | Path, *, precisions=DEFAULT_PRECISI
                     else:
                         path = fp32_path
                     paths[(graph, precision, form) if form else (graph, precision)] = path
-                    log(f"export: {path.name:<20} {precision:<5} opset {opset}  "
+                    graph_opset = max(opset, QUANT_OPSET) if precision in QUANT_PRECISIONS else opset
+                    log(f"export: {path.name:<20} {precision:<5} opset {graph_opset}  "
                         f"{_size_text(path)}  ({time.perf_counter() - start:.1f} s)")
                     start = time.perf_counter()
     return paths
