@@ -251,14 +251,15 @@ def quality_report(out: Path, variants, seeds, settings, log=print) -> list[dict
                 continue
             a = [s["class_agreement"] for s in scores]
             f = [s["frechet"] for s in scores]
-            row = {"setting": setting, "variant": variant.split("=")[0], "seeds": [s["seed"] for s in scores], "scores": scores,
+            row = {"setting": setting, "variant": variant.split("=")[0], "seeds": [s["seed"] for s in scores],
+                   "scores": scores,
                    "agreement_mean": statistics.mean(a), "agreement_sd": statistics.stdev(a) if len(a) > 1 else None,
                    "frechet_mean": statistics.mean(f), "frechet_sd": statistics.stdev(f) if len(f) > 1 else None}
             rows.append(row)
             sd_a = f" ± {100 * row['agreement_sd']:.2f}" if row["agreement_sd"] is not None else ""
             sd_f = f" ± {row['frechet_sd']:.3f}" if row["frechet_sd"] is not None else ""
-            log(f"{setting:<15} {row['variant']:<14} seeds {row['seeds']}: agreement {100 * row['agreement_mean']:.2f}{sd_a} %,"
-                f" Fréchet {row['frechet_mean']:.3f}{sd_f}  (seed 0: {100 * a[0]:.1f} %, {f[0]:.3f})")
+            log(f"{setting:<15} {row['variant']:<14} seeds {row['seeds']}: agreement "
+                f"{100 * row['agreement_mean']:.2f}{sd_a} %, Fréchet {row['frechet_mean']:.3f}{sd_f}  (seed 0: {100 * a[0]:.1f} %, {f[0]:.3f})")
     log(f"real-vs-real floor (1000 digits): {reference.frechet_floor(1000):.3f}; classifier held-out accuracy "
         f"{100 * reference.held_out_accuracy:.1f} %")
     return rows
@@ -274,7 +275,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=2)
-    parser.add_argument("--lock", default=None, help="the machine's CPU lock file: shared to prepare, exclusive to time")
+    parser.add_argument("--lock", default=None,
+                        help="the machine's CPU lock file: shared to prepare, exclusive to time")
     parser.add_argument("--workdir", default=None, help="where the speed run's graphs go (default: the system's)")
     parser.add_argument("--export-dir", default=None, help="quality: the digits export with all four precisions")
     parser.add_argument("--out", default=None, help="quality: where every run's images go")

@@ -39,7 +39,8 @@ def quantization_inputs(precisions, calibration: CalibrationSettings | None, rec
     """The recipe and calibration settings of an export's 8-bit graphs (None without any)."""
     if not any(p in QUANT_PRECISIONS for p in precisions):
         return None
-    return {"recipe": (recipe or QuantRecipe()).to_dict(), "calibration": (calibration or CalibrationSettings()).to_dict()}
+    return {"recipe": (recipe or QuantRecipe()).to_dict(),
+            "calibration": (calibration or CalibrationSettings()).to_dict()}
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -145,7 +146,8 @@ def _engine_stage(export_dir: Path, precisions, profile: BatchProfile, log, rebu
     # The 8-bit graphs' TensorRT form gets plans of its own, `<stem>.<precision>.<gpu>.<trt>.plan` (strongly typed
     # from the Q/DQ graph, like the fp16 plan from its graph).
     builds = [(graph, stem, precision) for graph, stem in GRAPH_STEMS.items()]
-    builds += [(graph, f"{stem}.{p}", p) for p in precisions if p in QUANT_PRECISIONS for graph, stem in GRAPH_STEMS.items()]
+    builds += [(graph, f"{stem}.{p}", p) for p in precisions if p in QUANT_PRECISIONS
+               for graph, stem in GRAPH_STEMS.items()]
     for graph, stem, precision in builds:
         onnx_path = export_dir / onnx_filename(graph, precision)
         plan_path = engine.plan_path_for(export_dir, stem)

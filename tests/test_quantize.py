@@ -54,8 +54,9 @@ def _session(proto):
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_the_qdq_graph_computes_the_fake_quantized_model(digits, calibration, fp32_graph, precision):
     """Each kind of GEMM rewritten alone, the fp32 graph on ONNX Runtime equals `fake_quantized`, a torch model with
-    the same rounding written out, to float rounding, while both sit a quantization error away from the fp32 model. (All kinds at
-    once differ by ~1e-3: one value rounded to the neighbouring step in one runtime moves every later input.)"""
+    the same rounding written out, to float rounding, while both sit a quantization error away from the fp32 model.
+    (All kinds at once differ by ~1e-3: one value rounded to the neighbouring step in one runtime moves every later
+    input.)"""
     feed = graph_feed(digits, "xty", 5, seed=3)
     fp32 = reference_output(digits, "xty", feed).numpy()
     for layer in ("qkv", "proj", "fc1", "fc2"):
@@ -96,7 +97,8 @@ def test_the_tensorrt_form_follows_the_recipe_and_the_fp16_policy(digits, calibr
     assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) == 4 * digits.config.depth
     assert {t.data_type for t in inits.values() if "adaLN_modulation" in t.name} == {TensorProto.FLOAT}
     meta = json.loads({p.key: p.value for p in proto.metadata_props}["ditexport.quantization"])
-    assert meta["recipe"]["layers"] == ["qkv", "proj", "fc1", "fc2"] and "adaLN_modulation" in meta["recipe"]["excluded"]
+    assert meta["recipe"]["layers"] == ["qkv", "proj", "fc1", "fc2"]
+    assert "adaLN_modulation" in meta["recipe"]["excluded"]
     assert meta["calibration"]["settings"] == {"images": 4, "steps": 8, "method": "ddpm", "guidance_scale": 4.0,
                                                "seed": 0}
 
@@ -209,7 +211,8 @@ def test_build_records_and_validates_the_8bit_graphs(export_8bit):
     manifest = json.loads((export_8bit / "manifest.json").read_text())
     files = {(g["graph"], g["precision"], g.get("form", "")): g["file"] for g in manifest["graphs"]}
     assert files[("xty", "int8", "")] == "model.int8.onnx" and files[("xty", "int8", "cpu")] == "model.int8.cpu.onnx"
-    assert files[("cond", "fp8", "")] == "cond.fp8.onnx" and set(manifest["inputs"]["precisions"]) == {"fp32", "int8", "fp8"}
+    assert files[("cond", "fp8", "")] == "cond.fp8.onnx"
+    assert set(manifest["inputs"]["precisions"]) == {"fp32", "int8", "fp8"}
     assert manifest["inputs"]["quantization"]["calibration"]["steps"] == 8
     records = manifest["quantization"]
     assert records["model.int8.onnx"]["form"] == "tensorrt" and records["model.int8.cpu.onnx"]["form"] == "cpu"
@@ -253,7 +256,8 @@ def test_sample_eval_and_bench_run_the_8bit_graphs(export_8bit, tmp_path, capsys
 def test_8bit_bad_input_is_one_line_and_writes_nothing(digits_export, tmp_path, capsys):
     out = tmp_path / "never"
     assert main(["build", "--precision", "fp32,int8", "--calib-steps", "0", "--export-dir", str(out)]) == 2
-    assert capsys.readouterr().err == "error: --calib-steps: calibration steps must be an integer from 1 to 1000, got 0\n"
+    assert capsys.readouterr().err == ("error: --calib-steps: calibration steps must be an integer from 1 to 1000, "
+                                       "got 0\n")
     assert not out.exists()
     assert main(["sample", "--backend", "onnxruntime", "--precision", "fp8", "--export-dir", str(digits_export),
                  "--quiet", "--out", str(tmp_path / "x.png")]) == 2

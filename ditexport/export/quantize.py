@@ -151,7 +151,8 @@ def insert_qdq(proto, precision: str, amax: dict[str, float], recipe: QuantRecip
         stem = f"{key}.{precision}"
         source = node.input[slot]
         s, z = f"{stem}.act_scale", f"{stem}.act_zero"
-        g.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s), _zero_point(z, precision, unsigned)])
+        g.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s),
+                              _zero_point(z, precision, unsigned)])
         q = helper.make_node("QuantizeLinear", [source, s, z], [f"{stem}.act_q"], name=f"{stem}.act_quantize")
         dq = helper.make_node("DequantizeLinear", [f"{stem}.act_q", s, z], [f"{stem}.act_dq"],
                               name=f"{stem}.act_dequantize")

@@ -121,7 +121,8 @@ def tensorrt_parity(export_dir: str | Path, model: DiT, *, batches=DEFAULT_BATCH
         return {"status": "skipped", "reason": reason}
     export_dir = Path(export_dir)
     rows = []
-    stems = [(graph, s) for graph, stem in GRAPH_STEMS.items() for s in (stem, *(f"{stem}.{p}" for p in QUANT_PRECISIONS))]
+    stems = [(graph, s) for graph, stem in GRAPH_STEMS.items()
+             for s in (stem, *(f"{stem}.{p}" for p in QUANT_PRECISIONS))]  # fp16/fp32, then the 8-bit plans
     for graph, stem in stems:
         plan = engine.plan_path_for(export_dir, stem)
         if not plan.is_file():
