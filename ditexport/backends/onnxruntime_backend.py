@@ -101,7 +101,10 @@ def has_fp8(path: str | Path) -> bool:
     """Whether a graph holds FP8 tensors (read without its weights)."""
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # corrupt or truncated: not a graph to retry, its load error is the one to report
+        return False
     fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
            onnx.TensorProto.FLOAT8E5M2FNUZ}
     return any(t.data_type in fp8 for t in proto.graph.initializer)
