@@ -34,9 +34,10 @@ class Calibration:
     timesteps: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """What the graphs record; no timing, which would make the same calibration's graphs differ in bytes."""
         return {"settings": self.settings.to_dict(), "activation_amax": self.recipe.activation_amax,
                 "forwards": self.forwards, "rows_per_forward": self.rows, "timesteps": self.timesteps,
-                "seconds": round(self.seconds, 1), "inputs": len(self.amax)}
+                "inputs": len(self.amax)}
 
 
 class _Range:
