@@ -47,6 +47,10 @@ class QuantRecipe:
     layers: tuple[str, ...] = DEFAULT_LAYERS   # the GEMMs of every block; see QUANTIZABLE for the rest
     activation_amax: str = "max"               # "max": largest |x| seen; "percentile": clips rare outliers
     percentile: float = 99.99                  # of |x| per calibration call, then the max over calls (timesteps)
+    # SmoothQuant (Xiao et al. 2023) for int8: each input channel j of a block GEMM is divided by
+    # s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) (a Mul before the Q/DQ pair) and the weight's row j multiplied by it,
+    # moving outlier channels' range into the per-channel weight scales. None: off.
+    smoothquant_alpha: float | None = None
 
     def check(self) -> None:
         unknown = [name for name in self.layers if name not in QUANTIZABLE]
@@ -59,6 +63,10 @@ class QuantRecipe:
         if not 50.0 < self.percentile <= 100.0:
             raise QuantizationError(f"the calibration percentile must be in (50, 100], got {self.percentile}",
                                     "percentile")
+        alpha = self.smoothquant_alpha
+        if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
+            raise QuantizationError(f"the SmoothQuant alpha must be between 0 and 1, got {alpha!r}",
+                                    "smoothquant_alpha")
 
     @property
     def excluded(self) -> list[str]:

@@ -160,9 +160,9 @@ def quantization_settings(args):
 
     calibration = CalibrationSettings(images=args.calib_images, steps=args.calib_steps)
     recipe = QuantRecipe(layers=tuple(n.strip() for n in args.quantize.split(",") if n.strip()),
-                         activation_amax=args.calib_amax)
+                         activation_amax=args.calib_amax, smoothquant_alpha=args.smoothquant)
     flags = {"calib_images": "--calib-images", "calib_steps": "--calib-steps", "layers": "--quantize",
-             "activation_amax": "--calib-amax"}
+             "activation_amax": "--calib-amax", "smoothquant_alpha": "--smoothquant"}
     try:
         calibration.check()
         recipe.check()
@@ -189,6 +189,7 @@ def cmd_build(args) -> int:
                                  ("--calib-images", args.calib_images, CalibrationSettings.images),
                                  ("--calib-steps", args.calib_steps, CalibrationSettings.steps),
                                  ("--calib-amax", args.calib_amax, QuantRecipe.activation_amax),
+                                 ("--smoothquant", args.smoothquant, QuantRecipe.smoothquant_alpha),
                                  ("--quantize", args.quantize, ",".join(QuantRecipe.layers))):
         if value != default:
             flags += [flag, str(value)]

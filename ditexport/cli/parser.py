@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-amax", choices=ACTIVATION_AMAX, default=QuantRecipe.activation_amax,
                    help=f"activation range: the largest |x| seen, or the largest per-call {QuantRecipe.percentile} "
                         f"percentile (default: {QuantRecipe.activation_amax})")
+    g.add_argument("--smoothquant", type=float, default=QuantRecipe.smoothquant_alpha, metavar="ALPHA",
+                   help="int8: SmoothQuant's per-channel migration with this alpha, between 0 and 1 (default: off)")
     g.add_argument("--quantize", default=",".join(QuantRecipe.layers), metavar="LAYERS",
                    help=f"comma-separated GEMMs to quantize, of {', '.join(QUANTIZABLE)} (default: "
                         f"{','.join(QuantRecipe.layers)}; the rest stay in the fp16 graph's precision)")

@@ -77,7 +77,8 @@ def _finish(proto, config: DiTConfig, graph: str, precision: str, opset: int,
             raise QuantizationError(f"attention is one ONNX Attention op at opset {opset}; quantizing its matmuls "
                                     f"needs opset below {ONNX_ATTENTION_OPSET}", "layers")
         form = form or "tensorrt"
-        quantized = insert_qdq(proto, precision, calibration.amax, calibration.recipe, form=form)
+        quantized = insert_qdq(proto, precision, calibration.amax, calibration.recipe, form=form,
+                               channel_amax=calibration.channel_amax)
         if form == "tensorrt":
             apply_fp16_policy(proto)
     elif precision == "fp16":

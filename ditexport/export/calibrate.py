@@ -32,6 +32,7 @@ class Calibration:
     rows: int = 0
     seconds: float = 0.0
     timesteps: list[int] = field(default_factory=list)
+    channel_amax: dict[str, list[float]] = field(default_factory=dict)  # per input channel (SmoothQuant only)
 
     def to_dict(self) -> dict:
         """What the graphs record; no timing, which would make the same calibration's graphs differ in bytes."""
@@ -43,10 +44,11 @@ class Calibration:
 class _Range:
     """Largest |x| over all calls and the largest per-call percentile of |x|."""
 
-    def __init__(self, percentile: float | None):
+    def __init__(self, percentile: float | None, per_channel: bool = False):
         self.percentile = percentile
         self.max = 0.0
         self.percentile_max = 0.0
+        self.channels: torch.Tensor | None = None if not per_channel else torch.zeros(0)
 
     def add(self, x: torch.Tensor) -> None:
         a = x.detach().float().abs().flatten()
@@ -55,6 +57,9 @@ class _Range:
             raise QuantizationError("the model produced non-finite activations during calibration; "
                                     "8-bit scales cannot be chosen", "layers")
         self.max = max(self.max, peak)
+        if self.channels is not None:
+            channels = x.detach().float().abs().reshape(-1, x.shape[-1]).amax(0)
+            self.channels = channels if self.channels.numel() == 0 else torch.maximum(self.channels, channels)
         if self.percentile is not None:
             k = min(a.numel(), max(1, math.ceil(self.percentile / 100.0 * a.numel())))
             self.percentile_max = max(self.percentile_max, a.kthvalue(k).values.item())
@@ -87,7 +92,8 @@ def calibrate(model: DiT, settings: CalibrationSettings | None = None, recipe: Q
     patterns = [re.compile(QUANTIZABLE[n]) for n in linear_names]
     for path, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and any(p.fullmatch(path) for p in patterns):
-            ranges[path] = _Range(percentile)
+            ranges[path] = _Range(percentile, per_channel=recipe.smoothquant_alpha is not None
+                                  and isinstance(module, torch.nn.Linear))
             hooks.append(module.register_forward_pre_hook(lambda m, inputs, r=ranges[path]: r.add(inputs[0])))
     was_training = model.training
     model.eval()
@@ -124,11 +130,13 @@ def calibrate(model: DiT, settings: CalibrationSettings | None = None, recipe: Q
         for block, attn in zip(model.blocks, originals):
             block.attn = attn
         model.train(was_training)
+    channel_amax = {key: r.channels.tolist() for key, r in ranges.items() if r.channels is not None}
     return Calibration({key: r.amax() for key, r in ranges.items()}, settings, recipe, forwards, rows,
-                       time.perf_counter() - start, [int(t) for t in sampler.timesteps])
+                       time.perf_counter() - start, [int(t) for t in sampler.timesteps], channel_amax)
 
 
-def fake_quantized(model: DiT, amax: dict[str, float], precision: str) -> DiT:
+def fake_quantized(model: DiT, amax: dict[str, float], precision: str,
+                   calibration: "Calibration | None" = None) -> DiT:
     """A copy of `model` computing what the 8-bit graph computes in fp32 (its CPU form): every Linear named in `amax`
     takes its weight rounded per output channel and its input rounded per tensor, with the scales the graph stores.
 
@@ -136,7 +144,7 @@ def fake_quantized(model: DiT, amax: dict[str, float], precision: str) -> DiT:
     """
     import copy
 
-    from .quantize import QUANT_MAX, quant_scale
+    from .quantize import QUANT_MAX, quant_scale, smoothed_amax, smoothing_factors
 
     model = copy.deepcopy(model)
     qmax = QUANT_MAX[precision]
@@ -153,11 +161,23 @@ def fake_quantized(model: DiT, amax: dict[str, float], precision: str) -> DiT:
             raise QuantizationError(f"{path} is not a Linear of this model; fake quantization covers Linears only",
                                     "layers")
         w = module.weight.detach()
+        alpha = calibration.recipe.smoothquant_alpha if calibration is not None else None
+        smooth = None
+        if alpha is not None and precision == "int8" and path in calibration.channel_amax:
+            smooth = torch.tensor(smoothing_factors(calibration.channel_amax[path], w.abs().amax(dim=0).tolist(),
+                                                    alpha), dtype=torch.float32)
+            w = w * smooth[None, :]
+            a = smoothed_amax(calibration.channel_amax[path], smooth.tolist())
         scales = torch.tensor([quant_scale(v, precision) for v in w.abs().amax(dim=1).tolist()])[:, None]
         if precision == "int8":
             module.weight.data.copy_(torch.clamp(torch.round(w / scales), -127, 127) * scales)
         else:
             module.weight.data.copy_(rounded(w, scales))
         scale = quant_scale(a, precision)
-        module.register_forward_pre_hook(lambda m, inputs, s=scale: (rounded(inputs[0], s),))
+        if smooth is None:
+            module.register_forward_pre_hook(lambda m, inputs, s=scale: (rounded(inputs[0], s),))
+        else:
+            inverse = (1.0 / smooth).to(torch.float32)
+            module.register_forward_pre_hook(lambda m, inputs, s=scale, i=inverse: (rounded(inputs[0] * i, s),))
     return model
+

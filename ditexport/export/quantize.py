@@ -68,10 +68,20 @@ def quantize_array(values, scale, precision: str):
     return np.clip(scaled, -448.0, 448.0).astype(np.float32).astype(ml_dtypes.float8_e4m3fn)
 
 
-def dequantize_array(values, scale):
+def smoothing_factors(channel_amax, weight_amax, alpha: float):
+    """SmoothQuant's per-input-channel divisors s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), rounded to fp16 values
+    (the graph stores 1/s in fp16 regions; weights are scaled by exactly what it stores)."""
     import numpy as np
 
-    return np.asarray(values).astype(np.float32) * np.asarray(scale, np.float32)
+    x = np.maximum(np.asarray(channel_amax, np.float64), 1e-5)
+    w = np.maximum(np.asarray(weight_amax, np.float64), 1e-5)
+    s = np.clip(x ** alpha / w ** (1.0 - alpha), 1e-4, 1e4)
+    return (1.0 / (1.0 / s).astype(np.float16).astype(np.float64))
+
+
+def smoothed_amax(channel_amax, smoothing) -> float:
+    """The per-tensor range of a smoothed input: max_j max|X_j| / s_j."""
+    return float(max(c / s for c, s in zip(channel_amax, smoothing)))
 
 
 def _zero_point(name: str, precision: str, unsigned: bool = False):
@@ -110,14 +120,16 @@ class QuantizedGraph:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def insert_qdq(proto, precision: str, amax: dict[str, float], recipe: QuantRecipe, *, form: str = "tensorrt"):
+def insert_qdq(proto, precision: str, amax: dict[str, float], recipe: QuantRecipe, *, form: str = "tensorrt",
+               channel_amax: dict[str, list[float]] | None = None):
     """Quantizes, in place, every GEMM of `proto` (an fp32 graph of the exporter) that the recipe selects.
 
     `amax` maps each quantized input (a module path, or "<attn path>.q/.k/.softmax/.v" for attention) to its
     calibrated largest |x|. Q/DQ nodes carry the scopes of their GEMM, so the fp16 policy (applied next for the
     "tensorrt" form) puts them in the GEMM's precision region. The "cpu" form (int8 only) quantizes activations
-    to uint8 with zero point 128 — the same grid — which ONNX Runtime's CPU kernels fuse fastest.
-    Returns a QuantizedGraph.
+    to uint8 with zero point 128 — the same grid — which ONNX Runtime's CPU kernels fuse fastest. With the recipe's
+    `smoothquant_alpha`, int8 MatMuls divide their input per channel (a Mul) and scale their weight rows to match,
+    from `channel_amax` (calibrate's per-channel ranges). Returns a QuantizedGraph.
     """
     import numpy as np
     from onnx import helper, numpy_helper
@@ -144,10 +156,10 @@ def insert_qdq(proto, precision: str, amax: dict[str, float], recipe: QuantRecip
     attention_seen: dict[str, int] = {}
     nodes = list(g.node)
 
-    def activation_pair(index: int, node, slot: int, key: str) -> None:
+    def activation_pair(index: int, node, slot: int, key: str, range_: float | None = None) -> None:
         if key not in amax:
             raise QuantizationError(f"no calibrated range for {key}; calibrate with the same recipe", "layers")
-        scale = quant_scale(amax[key], precision)
+        scale = quant_scale(amax[key] if range_ is None else range_, precision)
         stem = f"{key}.{precision}"
         source = node.input[slot]
         s, z = f"{stem}.act_scale", f"{stem}.act_zero"
@@ -179,6 +191,21 @@ def insert_qdq(proto, precision: str, amax: dict[str, float], recipe: QuantRecip
             raise QuantizationError(f"the weight of {path} is shared by several nodes; it cannot be quantized "
                                     "in place", "layers")
         w = numpy_helper.to_array(weight).astype(np.float32)
+        smoothed_range = None
+        if (recipe.smoothquant_alpha is not None and precision == "int8" and node.op_type == "MatMul"
+                and w.ndim == 2):
+            if not channel_amax or path not in channel_amax:
+                raise QuantizationError(f"no per-channel range for {path}; calibrate with the SmoothQuant recipe",
+                                        "smoothquant_alpha")
+            smooth = smoothing_factors(channel_amax[path], np.abs(w).max(axis=1), recipe.smoothquant_alpha)
+            w = w * smooth.astype(np.float32)[:, None]
+            smoothed_range = smoothed_amax(channel_amax[path], smooth.tolist())
+            inverse, product = f"{path}.{precision}.smooth_inverse", f"{path}.{precision}.smoothed"
+            g.initializer.append(numpy_helper.from_array((1.0 / smooth).astype(np.float32), inverse))
+            mul = helper.make_node("Mul", [node.input[0], inverse], [product], name=f"{path}.{precision}.smooth")
+            mul.metadata_props.extend(node.metadata_props)
+            new_nodes.setdefault(index, []).append(mul)
+            node.input[0] = product
         if node.op_type == "MatMul":
             axis = w.ndim - 1                         # (K, N): N output channels
         elif node.op_type == "Gemm":
@@ -187,8 +214,8 @@ def insert_qdq(proto, precision: str, amax: dict[str, float], recipe: QuantRecip
         else:
             axis = 0                                  # Conv: (out, in, kh, kw)
         reduce = tuple(i for i in range(w.ndim) if i != axis)
-        channel_amax = np.abs(w).max(axis=reduce)
-        scales = np.array([quant_scale(a, precision) for a in channel_amax.tolist()], np.float32)
+        weight_amax = np.abs(w).max(axis=reduce)
+        scales = np.array([quant_scale(a, precision) for a in weight_amax.tolist()], np.float32)
         shape = [1] * w.ndim
         shape[axis] = -1
         q = quantize_array(w, scales.reshape(shape), precision)
@@ -201,7 +228,7 @@ def insert_qdq(proto, precision: str, amax: dict[str, float], recipe: QuantRecip
         dq.metadata_props.extend(node.metadata_props)
         new_nodes.setdefault(index, []).append(dq)
         node.input[1] = f"{stem}.weight_dq"
-        activation_pair(index, node, 0, path)
+        activation_pair(index, node, 0, path, smoothed_range)
         weight_digest.update(path.encode() + scales.tobytes())
         done.layers.append(path)
 
