@@ -146,14 +146,16 @@ def open_export(export_dir: str | Path) -> Export:
 def build(model="digits", export_dir: str | Path | None = None, *, precisions=BuildSettings.precisions,
           max_images: int = BuildSettings.max_images, opset: int = BuildSettings.opset,
           sample_steps: int | None = BuildSettings.sample_steps, vae: str | Path | None = BuildSettings.vae,
-          force: bool = BuildSettings.force, wait: bool = BuildSettings.wait, image_size: int | None = None,
-          config: str | None = None, log=None) -> Export:
+          force: bool = BuildSettings.force, wait: bool = BuildSettings.wait, calibration=None, recipe=None,
+          image_size: int | None = None, config: str | None = None, log=None) -> Export:
     """Exports `model` (a name or path as for `load_model`, a `ModelSource`, or a DiT) to ONNX in `export_dir`
     (default: exports/<model name>), validates every graph against torch fp32 and builds TensorRT engines where
     TensorRT and a GPU exist; reuses an up-to-date export. A latent model's VAE decoder (`vae`, by default a
     diffusers model directory's own vae/) is exported, validated and compiled beside it. Returns the `Export`; raises
     ValidationFailedError when validation failed, other `DitexportError`s when nothing could be built. `log`
-    receives progress lines (default: the "ditexport.build" logger)."""
+    receives progress lines (default: the "ditexport.build" logger). The int8/fp8 graphs of `precisions` are
+    calibrated by `calibration` (`ditexport.precisions.CalibrationSettings`) and quantized by `recipe` (`QuantRecipe`),
+    their defaults where None (docs/quantization.md)."""
     from .building import build_export, build_flags, parse_precisions
     from .source import module_source_manifest
 
@@ -168,9 +170,9 @@ def build(model="digits", export_dir: str | Path | None = None, *, precisions=Bu
             raise DitexportError("name an export_dir for a DiT given in memory")
         export_dir = default_export_dir(source.model, source.checkpoint, image_size=source.image_size)
     export_dir = Path(export_dir)
-    flags = build_flags(source, settings) if source is not None else []
+    flags = build_flags(source, settings, calibration, recipe) if source is not None else []
     manifest_source = source.to_manifest() if source is not None else module_source_manifest(dit)
-    passed = build_export(dit, manifest_source, export_dir, settings,
+    passed = build_export(dit, manifest_source, export_dir, settings, calibration=calibration, recipe=recipe,
                           model_name=source.name if source is not None else "DiT",
                           rebuild_command=rebuild_command(export_dir, flags), build_flags=flags,
                           **({"log": log} if log is not None else {}))

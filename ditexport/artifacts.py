@@ -40,10 +40,12 @@ GRAPH_STEMS = {"xty": "model", "cond": "cond"}
 VAE_GRAPH = "vae"  # the VAE decoder's graph name in a manifest's "graphs" (latent models built with --vae)
 
 
-def onnx_filename(graph: str = "xty", precision: str = "fp32") -> str:
-    """model.onnx, model.fp16.onnx, cond.onnx, cond.fp16.onnx, vae.onnx, vae.fp16.onnx (fp32 carries no suffix)."""
+def onnx_filename(graph: str = "xty", precision: str = "fp32", form: str = "") -> str:
+    """model.onnx, model.fp16.onnx, model.int8.onnx, cond.fp8.onnx, vae.fp16.onnx, ... (fp32 carries no suffix); an
+    8-bit graph's CPU form adds ".cpu": model.int8.cpu.onnx."""
     base = VAE_GRAPH if graph == VAE_GRAPH else GRAPH_STEMS[graph]
-    return f"{base}.onnx" if precision == "fp32" else f"{base}.{precision}.onnx"
+    name = base if precision == "fp32" else f"{base}.{precision}"
+    return f"{name}.{form}.onnx" if form else f"{name}.onnx"
 
 
 def vae_onnx_filename(precision: str = "fp32") -> str:
@@ -279,17 +281,21 @@ class ExportEntry:
         """Whether the manifest says the graphs passed validation."""
         return bool((self.manifest.get("validation") or {}).get("passed"))
 
-    def graph_path(self, graph: str = "xty", precision: str = "fp32") -> Path | None:
-        """The ONNX file of a graph and precision, when this export has it (as its manifest records it)."""
+    def graph_path(self, graph: str = "xty", precision: str = "fp32", form: str = "") -> Path | None:
+        """The ONNX file of a graph and precision (an 8-bit graph's `form`: "" the TensorRT form, "cpu" the CPU
+        form), when this export has it (as its manifest records it)."""
         files = self.manifest.get("files", {})
         for entry in self.manifest.get("graphs", []):
-            if entry.get("graph") == graph and entry.get("precision") == precision and entry.get("file") in files:
+            if (entry.get("graph") == graph and entry.get("precision") == precision
+                    and entry.get("form", "") == form and entry.get("file") in files):
                 return self.path / entry["file"]
         return None
 
     def graph_paths(self, graph: str = "xty") -> dict[str, Path]:
         """Precision -> ONNX file of a graph, for every precision this export has."""
-        found = {p: self.graph_path(graph, p) for p in ("fp32", "fp16")}
+        from .precisions import PRECISIONS
+
+        found = {p: self.graph_path(graph, p) for p in PRECISIONS}
         return {p: path for p, path in found.items() if path is not None}
 
 

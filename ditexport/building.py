@@ -15,7 +15,8 @@ from .artifacts import ArtifactError
 from .errors import DitexportError
 from .engine.profile import BatchProfile
 from .engine.stage import add_missing_engines, engine_stage, recheck_engines
-from .export import DEFAULT_OPSET, GRAPHS, PRECISIONS, export_graphs, io_spec
+from .export import (DEFAULT_OPSET, GRAPHS, PRECISIONS, QUANT_PRECISIONS, CalibrationSettings, QuantRecipe,
+                     export_graphs, io_spec)
 from .model import DiT, DiTConfig
 from .progress import heartbeat
 from .settings import BuildSettings
@@ -26,7 +27,8 @@ LOG = get_logger("build")
 
 
 def parse_precisions(text: str) -> tuple[str, ...]:
-    """"fp32,fp16" -> ("fp32", "fp16"); fp32 always comes along, being the graph fp16 is checked against."""
+    """"fp32,fp16,int8" -> ("fp32", "fp16", "int8"); fp32 always comes along, being the graph the others are
+    derived from and checked against."""
     asked = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in asked if p not in PRECISIONS]
     if unknown or not asked:
@@ -34,16 +36,34 @@ def parse_precisions(text: str) -> tuple[str, ...]:
     return tuple(p for p in PRECISIONS if p in asked or p == "fp32")
 
 
-def build_flags(source: ModelSource, settings: BuildSettings) -> list[str]:
-    """The CLI flags that rebuild this export: the model's, then each build setting that is not its default."""
+def build_flags(source: ModelSource, settings: BuildSettings, calibration: CalibrationSettings | None = None,
+                recipe: QuantRecipe | None = None) -> list[str]:
+    """The CLI flags that rebuild this export: the model's, then each build setting (and, for 8-bit graphs, each
+    calibration and recipe setting) that is not its default."""
     flags = source.flags()
-    defaults = BuildSettings()
     for flag, name in (("--precision", "precisions"), ("--max-batch", "max_images"), ("--opset", "opset"),
                        ("--vae", "vae")):
         value = getattr(settings, name)
-        if value != getattr(defaults, name):
+        if value != getattr(BuildSettings, name):
             flags += [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
+    if any(p in QUANT_PRECISIONS for p in settings.precisions):
+        calibration, recipe = calibration or CalibrationSettings(), recipe or QuantRecipe()
+        for flag, value, default in (("--calib-images", calibration.images, CalibrationSettings.images),
+                                     ("--calib-steps", calibration.steps, CalibrationSettings.steps),
+                                     ("--calib-amax", recipe.activation_amax, QuantRecipe.activation_amax),
+                                     ("--smoothquant", recipe.smoothquant_alpha, QuantRecipe.smoothquant_alpha),
+                                     ("--quantize", ",".join(recipe.layers), ",".join(QuantRecipe.layers))):
+            if value != default:
+                flags += [flag, str(value)]
     return flags
+
+
+def quantization_inputs(precisions, calibration: CalibrationSettings | None, recipe: QuantRecipe | None) -> dict | None:
+    """The recipe and calibration settings of an export's 8-bit graphs (None without any)."""
+    if not any(p in QUANT_PRECISIONS for p in precisions):
+        return None
+    return {"recipe": (recipe or QuantRecipe()).to_dict(),
+            "calibration": (calibration or CalibrationSettings()).to_dict()}
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -85,9 +105,9 @@ def check_source(manifest: dict, export_dir: Path, *, model: str | None = None, 
 # ------------------------------------------------------------------------------------------- build
 
 def build_inputs(config: DiTConfig, source: dict, precisions, max_images: int, opset: int,
-                 vae: dict | None = None) -> dict:
+                 vae: dict | None = None, quantization: dict | None = None) -> dict:
     """Everything that decides an export's bytes; equal inputs mean the build can be skipped. `vae` is the
-    manifest's record of the VAE decoder exported beside the DiT."""
+    manifest's record of the VAE decoder exported beside the DiT; `quantization` the 8-bit recipe and calibration."""
     if source.get("checkpoint"):
         weights = source["checkpoint"]["sha256"]
     else:
@@ -97,6 +117,8 @@ def build_inputs(config: DiTConfig, source: dict, precisions, max_images: int, o
               "tools": artifacts.tool_versions()}
     if vae is not None:
         inputs["vae"] = vae["source"]["sha256"]
+    if quantization is not None:
+        inputs["quantization"] = quantization
     return inputs
 
 
@@ -129,12 +151,13 @@ def _remove_outputs(export_dir: Path) -> None:
 
 def _check_free_space(export_dir: Path, model: DiT, precisions, reclaimed: int = 0) -> None:
     """Refuses, before anything is deleted or written, a disk that cannot hold the graphs: a lower bound of
-    4 bytes per parameter per fp32 graph and 2 per fp16 graph (xty and cond each), against the free space
-    plus what the rebuild deletes (`reclaimed` bytes)."""
+    4 bytes per parameter per fp32 graph, 2 per fp16 graph and 1 per 8-bit graph (int8: 2, with its CPU form;
+    xty and cond each), against the free space plus what the rebuild deletes (`reclaimed` bytes)."""
     import shutil
 
+    per_parameter = {"fp32": 4, "fp16": 2, "int8": 2, "fp8": 1}
     params = sum(p.numel() for p in model.parameters())
-    need = params * len(GRAPHS) * sum(4 if p == "fp32" else 2 for p in precisions)
+    need = params * len(GRAPHS) * sum(per_parameter[p] for p in precisions)
     existing = next(p for p in (export_dir, *export_dir.parents) if p.exists())
     have = shutil.disk_usage(existing).free + reclaimed
     if need > have:
@@ -144,16 +167,21 @@ def _check_free_space(export_dir: Path, model: DiT, precisions, reclaimed: int =
 
 def build_export(model: DiT, source: dict, export_dir: str | Path, settings: BuildSettings = BuildSettings(), *,
                  model_name: str = "", rebuild_command: str | None = None, build_flags: list[str] | None = None,
-                 engines: bool = True, log=LOG.info) -> bool:
+                 engines: bool = True, calibration: CalibrationSettings | None = None,
+                 recipe: QuantRecipe | None = None, log=LOG.info) -> bool:
     """Export -> validate -> engine; returns whether the ONNX graphs passed validation (or were up to date). A failed
     engine stage keeps the validated ONNX export and discards only its plans: the manifest's engine entry says so.
 
     Holds the export directory's build lock throughout (another build waits, or with settings.wait=False is
     refused); an up-to-date export is only read, so it may sit on a read-only file system. engines=False leaves the
-    TensorRT stage out (an up-to-date export then gets no missing engines either).
+    TensorRT stage out (an up-to-date export then gets no missing engines either). `calibration` and `recipe` shape
+    the int8/fp8 graphs (export/calibrate.py, export/quantize.py); they are checked before anything runs.
     """
     export_dir = Path(export_dir)
     precisions = settings.precisions
+    if any(p in QUANT_PRECISIONS for p in precisions):
+        (calibration or CalibrationSettings()).check()
+        (recipe or QuantRecipe()).check()
     created = not export_dir.exists()
     if created:  # refuse a full or unwritable disk before a directory appears
         _check_free_space(export_dir, model, precisions)
@@ -163,7 +191,8 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, settings: Bui
             return _build_locked(model, source, export_dir, precisions=precisions, max_images=settings.max_images,
                                  opset=settings.opset or DEFAULT_OPSET, force=settings.force,
                                  sample_steps=settings.sample_steps, model_name=model_name, build_flags=build_flags,
-                                 vae_dir=settings.vae, engines=engines, log=log,
+                                 vae_dir=settings.vae, engines=engines, calibration=calibration, recipe=recipe,
+                                 log=log,
                                  rebuild_command=rebuild_command or artifacts.rebuild_command(export_dir, build_flags))
     except BaseException:
         if created:  # a build that made its directory and failed leaves nothing behind
@@ -175,12 +204,13 @@ def build_export(model: DiT, source: dict, export_dir: str | Path, settings: Bui
 
 def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max_images: int, opset: int,
                   force: bool, sample_steps, model_name: str, build_flags, rebuild_command: str, vae_dir,
-                  engines: bool, log) -> bool:
+                  engines: bool, calibration: CalibrationSettings | None, recipe: QuantRecipe | None, log) -> bool:
     start = time.perf_counter()
     from .vae import export_vae_graphs, load_fitting_vae
 
     vae, vae_record = load_fitting_vae(vae_dir, model.config) if vae_dir else (None, None)  # before anything goes
-    inputs = build_inputs(model.config, source, precisions, max_images, opset, vae_record)
+    inputs = build_inputs(model.config, source, precisions, max_images, opset, vae_record,
+                          quantization_inputs(precisions, calibration, recipe))
     profile = BatchProfile.for_images(max_images, guided=model.config.has_null_class)
     writable = artifacts.write_problem(export_dir) is None
     if writable and (removed := locking.remove_stale_temporaries(export_dir, legacy=True)):
@@ -200,7 +230,8 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
         f"up to {max_images} images per request)")
     artifacts.fault_point("build:old-export-removed")
     try:
-        paths = export_graphs(model, export_dir, precisions=precisions, opset=opset, log=log)
+        paths = export_graphs(model, export_dir, precisions=precisions, opset=opset, calibration=calibration,
+                              recipe=recipe, log=log)
         if vae is not None:
             vae_paths = export_vae_graphs(vae, export_dir, latent_size=vae_record["latent_size"], opset=opset,
                                           precisions=[p for p in ("fp32", "fp16") if p in precisions], log=log)
@@ -226,7 +257,9 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
             "build_flags": list(build_flags or []),
             "inputs": inputs,
             "io_spec": io_spec(model.config, max_images, opset),
-            "graphs": [{"graph": g, "precision": p, "file": path.name} for (g, p), path in paths.items()],
+            "graphs": [{"graph": key[0], "precision": key[1], **({"form": key[2]} if len(key) > 2 else {}),
+                        "file": path.name} for key, path in paths.items()],
+            "quantization": _quantization_records(paths),
             "files": files,
             "validation": {"passed": report.passed, "report": artifacts.REPORT_NAME},
             "engine": engine,
@@ -251,6 +284,17 @@ def _build_locked(model: DiT, source: dict, export_dir: Path, *, precisions, max
         else "done"
     log(f"build: {verdict} in {manifest['build_seconds']:.1f} s; manifest {export_dir / artifacts.MANIFEST_NAME}")
     return report.passed
+
+
+def _quantization_records(paths: dict) -> dict:
+    """Per 8-bit graph file: its recipe, calibration and scales' hash, as the graph's metadata records them."""
+    from .export import quantization_record
+
+    records = {}
+    for key, path in paths.items():
+        if key[1] in QUANT_PRECISIONS:
+            records[path.name] = quantization_record(path)
+    return records
 
 
 def _validate_and_report(export_dir: Path, model: DiT, model_name: str, sample_steps, opset, log, vae=None):
@@ -317,8 +361,10 @@ def _read_report(export_dir: Path) -> dict | None:
 
 
 def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_name: str = "",
-                  sample_steps: int | None = None, engines: bool = True, log=LOG.info) -> tuple[Path, dict]:
-    """The validated export of `model` in `export_dir`, as `build` makes it, built there first when there is none.
+                  sample_steps: int | None = None, engines: bool = True, precisions=BuildSettings.precisions,
+                  calibration: CalibrationSettings | None = None, log=LOG.info) -> tuple[Path, dict]:
+    """The validated export of `model` in `export_dir`, as `build` makes it (of `precisions`), built there first
+    when there is none.
 
     An existing export is reused whatever options built it; one of another config or other weights, or one
     that failed validation, is refused with a one-line error, never overwritten. engines=False builds it
@@ -328,9 +374,8 @@ def ensure_export(model: DiT, source: dict, export_dir: str | Path, *, model_nam
     cached = (export_dir / artifacts.MANIFEST_NAME).is_file()
     if not cached:
         log(f"{export_dir}: no complete export yet; building it as `python -m ditexport build` would")
-        build_export(model, source, export_dir, BuildSettings(sample_steps=sample_steps), model_name=model_name,
-                     engines=engines,
-                     log=log)
+        build_export(model, source, export_dir, BuildSettings(precisions=tuple(precisions), sample_steps=sample_steps),
+                     model_name=model_name, engines=engines, calibration=calibration, log=log)
     # Each consumer verifies the files it opens, so one damaged graph fails its own bench row, not the bench.
     manifest = verification.verify_export(export_dir, [], config=model.config, all_sizes=False).manifest
     weights = build_inputs(model.config, source, (), 0, 0)["weights"]

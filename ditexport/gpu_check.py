@@ -27,6 +27,7 @@ from .errors import summary
 from .errors import DitexportError
 from .export import TOLERANCE
 from .logs import get_logger
+from .precisions import CalibrationSettings
 
 LOG = get_logger("gpu_check")
 
@@ -36,14 +37,19 @@ if TYPE_CHECKING:
 
 MODELS = ("digits", "DiT-XL/2")                   # DiT-XL/2 at 256 px, random weights
 # Cheapest first: the long set-ups (an engine build, a compile) come last, when the budget still allows them.
-PATHS = ("torch-eager", "torch-cuda-graph", "onnxruntime-fp32", "onnxruntime-fp16", "tensorrt", "torch-compile")
+PATHS = ("torch-eager", "torch-cuda-graph", "onnxruntime-fp32", "onnxruntime-fp16", "tensorrt", "tensorrt-int8",
+         "tensorrt-fp8", "torch-compile")
+# The 8-bit graphs of the check's exports calibrate on a short run (2 images x 10 steps): XL's torch forwards on
+# the CPU would otherwise take much of the budget. Their accuracy is judged on the real recipe by `build`.
+CHECK_CALIBRATION = CalibrationSettings(images=2, steps=10)
 TIMED_BATCHES = (2, 64)                           # guided forward batches (2 rows per image)
 BUDGET_S = 450.0                                  # the rows, after set-up (the exports are made before it)
 ROW_CAP_S = {"small": 60.0, "large": 120.0}       # one path on one model, after its backend is made
 BUILDER_LEVEL = 2                                 # the check's TensorRT engines: level 2 to fit the budget
 # Time a row needs left before it starts, for making its backend; estimates, not measurements (no GPU was at
-# hand): building the XL engine (level 2) and compiling XL are the long ones, then opening the XL graphs.
-START_NEED_S = {("tensorrt", "large"): 240.0, ("torch-compile", "large"): 120.0, ("tensorrt", "small"): 60.0,
+# hand): building the XL engines (level 2) and compiling XL are the long ones, then opening the XL graphs.
+START_NEED_S = {("tensorrt", "large"): 240.0, ("tensorrt-int8", "large"): 240.0, ("tensorrt-fp8", "large"): 240.0,
+                ("torch-compile", "large"): 120.0, ("tensorrt", "small"): 60.0,
                 ("onnxruntime-fp32", "large"): 60.0, ("onnxruntime-fp16", "large"): 60.0}
 START_NEED_DEFAULT_S = 10.0
 INCOMPLETE_EXIT = 3                               # a path this machine has did not run (1: a row failed)
@@ -128,11 +134,15 @@ def _subject(name: str, device: torch.device, out_dir: Path, level: int, log) ->
     def export() -> Path:
         # A validated export as `build` makes it, without the sample-level check (minutes for DiT-XL/2 on a CPU).
         from .building import ensure_export
+        from .precisions import DEFAULT_PRECISIONS, PRECISIONS
         from .source import ModelSource
 
-        # No engines: the tensorrt row builds the one it runs, at the check's level, with a profile per timed batch.
+        # No engines: the tensorrt rows build the ones they run, at the check's level, with a profile per timed
+        # batch. The 8-bit graphs only where their TensorRT rows can run.
+        precisions = PRECISIONS if device.type == "cuda" else DEFAULT_PRECISIONS
         return ensure_export(model, ModelSource.resolve(name).to_manifest(), out_dir / slug, model_name=name,
-                             sample_steps=0, engines=False, log=lambda m: log(f"  {m.strip()}"))[0]
+                             sample_steps=0, engines=False, precisions=precisions, calibration=CHECK_CALIBRATION,
+                             log=lambda m: log(f"  {m.strip()}"))[0]
 
     context = BenchContext(model, device, settings, max(TIMED_BATCHES), out_dir / f"{slug}-bench-engine",
                            lambda m: log(f"  {m.strip()}"), export)

@@ -42,7 +42,7 @@ def test_an_export_of_another_config_or_a_missing_precision_is_refused(digits_ex
     other = ModelSource.resolve("DiT-tiny/2").load().config
     with pytest.raises(ArtifactError, match="built for another model config"):
         open_backend("onnxruntime", config=other, export_dir=digits_export)
-    with pytest.raises(DitexportError, match="has no fp16 graph; rebuild it with --precision fp32,fp16"):
+    with pytest.raises(DitexportError, match="has no fp16 graph; rebuild it with: python -m ditexport build .*--precision fp32,fp16 "):
         open_backend("onnxruntime", "fp16", export_dir=digits_export)
     with pytest.raises(DitexportError, match=f"no ONNX export in {tmp_path}"):
         open_backend("onnxruntime", export_dir=tmp_path)

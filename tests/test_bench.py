@@ -169,7 +169,7 @@ def test_bad_bench_options_are_one_line_errors(capsys, tmp_path):
     assert main(["bench", "--model", "DiT-tiny/2", "--backends", "torch-eager,fastest", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == ("error: unknown bench backend(s) fastest; choose from torch-eager, "
                                                "torch-cuda-graph, torch-compile, onnxruntime-fp32, onnxruntime-fp16, "
-                                               "tensorrt")
+                                               "onnxruntime-int8, onnxruntime-fp8, tensorrt, tensorrt-int8, tensorrt-fp8")
     with pytest.raises(SystemExit):
         main(["bench", "--batch-sizes", "3"])
 
@@ -228,3 +228,13 @@ def test_quick_gpu_bench_reports_the_fp16_peak_share(tmp_path):
     assert report["matmul_fp16_tflops"] > 1
     graph_rows = [r for r in report["results"] if r["backend"] == "torch-cuda-graph"]
     assert len(graph_rows) == 3 and all(0 < r["pct_fp16_matmul_peak"] < 100 for r in graph_rows)
+
+
+def test_a_run_without_batch_2_still_measures_every_row(tmp_path, capsys):
+    """The end-to-end sample is derived from the batch-2 row; without one it is reported as not derived (it used to
+    fail every backend with a TypeError)."""
+    assert main(["bench", "--model", "DiT-tiny/2", "--quick", "--device", "cpu", "--batch-sizes", "4",
+                 "--no-unguided", "--backends", "torch-eager", "--sample-steps", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench-DiT-tiny-2-64-cpu.json").read_text())
+    assert report["failed"] == [] and [r["batch"] for r in report["results"]] == [4]
+    assert report["end_to_end"][0]["derived_s"] is None and "not derived" in capsys.readouterr().out

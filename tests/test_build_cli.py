@@ -176,10 +176,10 @@ def test_an_interrupted_rebuild_is_never_complete(built_copy, tmp_path, capsys, 
     assert read_manifest(out)
     finish = export._finish
 
-    def dies_on_cond(proto, config, graph, precision, opset):
+    def dies_on_cond(proto, config, graph, precision, opset, *quantization):
         if graph == "cond":
             raise KeyboardInterrupt
-        return finish(proto, config, graph, precision, opset)
+        return finish(proto, config, graph, precision, opset, *quantization)
 
     monkeypatch.setattr(export, "_finish", dies_on_cond)
     assert main(["build", *TINY, "--out", str(out), "--force"]) == 130
@@ -195,7 +195,7 @@ def test_an_interrupted_rebuild_is_never_complete(built_copy, tmp_path, capsys, 
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "DiT-nope"], "unknown model 'DiT-nope'"),
-    (["--precision", "fp8"], "--precision"),
+    (["--precision", "int4"], "--precision"),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path, capsys):
     code, _, err = build(capsys, *args, "--out", str(tmp_path / "x"))

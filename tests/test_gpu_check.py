@@ -29,12 +29,12 @@ def test_every_path_is_a_row_measured_or_skipped_with_its_reason(cpu_rows):
         assert 0 < row.ms[2] < row.ms[64]  # 32 times the rows cost more on a CPU
         assert row.sample_finite is True and row.sample_s > 0 and not row.notes
     assert by_path["torch-eager"].rel_err > 10 * by_path["onnxruntime-fp32"].rel_err  # fp16 really ran
-    for path in ("torch-cuda-graph", "torch-compile", "tensorrt"):
+    for path in ("torch-cuda-graph", "torch-compile", "tensorrt", "tensorrt-int8", "tensorrt-fp8"):
         assert by_path[path].status == "skipped" and by_path[path].skipped
     assert "GPU" in by_path["torch-cuda-graph"].skipped
     table = format_table(rows, 50).splitlines()
     assert table[0].split()[:3] == ["model", "path", "prec"] and "sample 50" in table[0]
-    assert len(table) == len(rows) + 2 and table[-1] == "PASSED: 3 ok, 0 failed, 0 not run, 3 skipped"
+    assert len(table) == len(rows) + 2 and table[-1] == "PASSED: 3 ok, 0 failed, 0 not run, 5 skipped"
     assert verdict(rows) == (table[-1], 0)
     assert table[1].split()[:3] == ["digits", "torch-eager", "fp16"] and table[1].endswith("ok")
     assert any("torch-eager: ok" in line for line in logs)
@@ -108,7 +108,7 @@ def test_a_path_that_is_here_but_did_not_run_is_incomplete_never_passed(cpu_rows
         assert by_path[path].status == "skipped" and by_path[path].skipped
     assert "no CUDA GPU" in by_path["tensorrt"].skipped and "GPU" in by_path["torch-cuda-graph"].skipped
     line, code = verdict(rows)
-    assert line == "INCOMPLETE: 0 ok, 0 failed, 3 not run, 3 skipped" and code == INCOMPLETE_EXIT != 0
+    assert line == "INCOMPLETE: 0 ok, 0 failed, 3 not run, 5 skipped" and code == INCOMPLETE_EXIT != 0
     assert format_table(rows).splitlines()[-1] == line
 
 
@@ -119,17 +119,20 @@ def test_the_export_is_built_before_the_clock_without_engines_and_the_plan_comes
 
     out, rows, logs = cpu_rows
     building = next(i for i, m in enumerate(logs) if "no complete export yet; building it" in m)
-    plan = next(i for i, m in enumerate(logs) if m.startswith("plan: 6 rows in this order, within a budget of 450 s"))
+    plan = next(i for i, m in enumerate(logs)
+                if m.startswith(f"plan: {len(PATHS)} rows in this order, within a budget of 450 s"))
     first_row = next(i for i, m in enumerate(logs) if m.startswith("  torch-eager: "))
     assert building < plan < first_row
     # The plan names every row with its time, or why it will not run.
-    assert logs[plan + 1: plan + 7] == [
+    assert logs[plan + 1: plan + 9] == [
         "  digits    torch-eager       set-up up to 10 s, then measured for up to 60 s",
         f"  digits    torch-cuda-graph  skipped: {rows[1].skipped}",
         "  digits    onnxruntime-fp32  set-up up to 10 s, then measured for up to 60 s",
         "  digits    onnxruntime-fp16  set-up up to 10 s, then measured for up to 60 s",
         f"  digits    tensorrt          skipped: {rows[4].skipped}",
-        f"  digits    torch-compile     skipped: {rows[5].skipped}"]
+        f"  digits    tensorrt-int8     skipped: {rows[5].skipped}",
+        f"  digits    tensorrt-fp8      skipped: {rows[6].skipped}",
+        f"  digits    torch-compile     skipped: {rows[7].skipped}"]
     assert read_manifest(out / "digits")["engine"] == {"status": "skipped", "reason": "not asked for"}
 
 

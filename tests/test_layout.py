@@ -134,7 +134,7 @@ def test_a_planted_mutual_import_is_found(tmp_path):
 # issue 20: backends/open.py, which runs exports, imported from build.py, which makes them.)
 LAYERS = [
     ("ground", ["model", "diffusion", "source", "checkpoint", "diffusers_format", "artifacts", "verification",
-                "locking", "errors", "settings", "limits", "hashing", "logs", "progress", "threads", "class_names",
+                "locking", "errors", "settings", "limits", "precisions", "hashing", "logs", "progress", "threads", "class_names",
                 "zoo", "lazy"]),
     ("running", ["pipeline", "sampler", "backends", "images", "blend", "engine.plans", "engine.profile"]),
     ("making", ["building", "validate", "export", "engine", "vae", "bench", "gpu_check", "zoo.digits_train",

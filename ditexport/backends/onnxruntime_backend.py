@@ -12,9 +12,12 @@ import numpy as np
 import torch
 
 from ..errors import DitexportError, one_line, summary
+from ..logs import get_logger
 from ..model import DiTConfig
 from .base import Backend
 from .cuda_graphs import run_ordered
+
+LOG = get_logger("onnxruntime")
 
 if TYPE_CHECKING:  # onnxruntime ships no stubs; its Python wrapper classes type-check the I/O-binding calls
     from onnxruntime import InferenceSession
@@ -99,12 +102,28 @@ def session_options(threads: int | None = None, optimization: str = GRAPH_OPTIMI
     return options
 
 
+def has_fp8(path: str | Path) -> bool:
+    """Whether a graph holds FP8 tensors (read without its weights)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # corrupt or truncated: not a graph to retry, its load error is the one to report
+        return False
+    fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+           onnx.TensorProto.FLOAT8E5M2FNUZ}
+    return any(t.data_type in fp8 for t in proto.graph.initializer)
+
+
 def load_session(path: str | Path, providers: list | None = None, threads: int | None = None,
                  optimization: str = GRAPH_OPTIMIZATION):
     """An InferenceSession, or one OnnxRuntimeError naming the file for a missing, corrupt or truncated graph.
 
     When the CUDA provider is asked for (first in `providers`), the session runs on it or this raises one
     OnnxRuntimeError naming the cause: ONNX Runtime itself only logs a warning and falls back to the CPU.
+
+    ONNX Runtime up to 1.30 refuses FP8 Q/DQ graphs with float inputs above the basic optimisation level (a
+    fusion matches FP8 nodes it cannot run, microsoft/onnxruntime#22269); such a graph is loaded at "basic".
     """
     ort = _import_onnxruntime()
     path = Path(path)
@@ -116,16 +135,33 @@ def load_session(path: str | Path, providers: list | None = None, threads: int |
     try:
         session = ort.InferenceSession(str(path), session_options(threads, optimization), providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if wants_cuda and any(word in first_line for word in ("CUDA", "cuda", "cuDNN", "cudnn")):
-            raise OnnxRuntimeError(f"ONNX Runtime could not start its CUDA provider for {path.name}: {first_line}; "
-                                   f"{cuda_provider_problem(preload)}") from None
-        raise OnnxRuntimeError(f"cannot load ONNX graph {path} (corrupt, truncated or incomplete?): "
-                               f"{first_line}") from None
+        session = _fp8_at_basic(path, threads, optimization, providers)
+        if session is None:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if wants_cuda and any(word in first_line for word in ("CUDA", "cuda", "cuDNN", "cudnn")):
+                raise OnnxRuntimeError(f"ONNX Runtime could not start its CUDA provider for {path.name}: "
+                                       f"{first_line}; {cuda_provider_problem(preload)}") from None
+            raise OnnxRuntimeError(f"cannot load ONNX graph {path} (corrupt, truncated or incomplete?): "
+                                   f"{first_line}") from None
     ran_on = session.get_providers()[0]
     if wants_cuda and ran_on != CUDA:
         raise OnnxRuntimeError(f"ONNX Runtime {ort.__version__} was asked for its CUDA provider but fell back to "
                                f"{ran_on} for {path.name}: {cuda_provider_problem(preload)}")
+    return session
+
+
+def _fp8_at_basic(path: Path, threads, optimization: str, providers: list):
+    """An FP8 graph that ONNX Runtime refused above the basic level, loaded at "basic" (None where that is not the
+    case, or it fails there too)."""
+    ort = _import_onnxruntime()
+    if optimization in ("basic", "disable") or not has_fp8(path):
+        return None
+    try:
+        session = ort.InferenceSession(str(path), session_options(threads, "basic"), providers=providers)
+    except Exception:
+        return None
+    LOG.info(f"onnxruntime {ort.__version__} refused the FP8 graph {path.name} at optimisation level "
+             f"{optimization!r}; loaded it at 'basic' (microsoft/onnxruntime#22269)")
     return session
 
 
@@ -224,6 +260,7 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(config, session_device(self.session, self.stream, self.onnx_path), torch.float32, max_batch)
         meta = graph_metadata(self.session)
         self.precision = meta.get("ditexport.precision", "fp32")
+        self.form = meta.get("ditexport.form", "")  # 8-bit graphs: "tensorrt" or "cpu"
         self._check_graph(self.session, ("x", "t", "y"), self.onnx_path)
         if self.cond_session is not None and cond_path is not None:
             self._check_graph(self.cond_session, ("x", "c"), Path(cond_path))
@@ -259,7 +296,8 @@ class OnnxRuntimeBackend(Backend):
     def describe(self) -> str:
         """The runtime, precision, provider and graph file, for banners."""
         provider = "CUDA, TF32 off" if self.device.type == "cuda" else "CPU"
-        return f"{self.name} ({self.precision}, {provider}, {self.onnx_path.name})"
+        form = f" {self.form} form" if self.form else ""
+        return f"{self.name} ({self.precision}{form}, {provider}, {self.onnx_path.name})"
 
     def close(self) -> None:
         """Drops the sessions and their memory; the backend cannot run afterwards."""

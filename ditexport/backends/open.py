@@ -10,9 +10,16 @@ from ..errors import DitexportError
 from .base import Backend, resolve_device
 
 
-def check_available(kind: str, device: str | torch.device = "auto") -> None:
-    """The cheap checks of a backend (its runtime, the GPU it needs), made before a model is built (DiT-XL/2
-    takes about 25 s), so that a missing runtime or GPU is refused at once."""
+def check_available(kind: str, device: str | torch.device = "auto", precision: str = "fp32") -> None:
+    """The cheap checks of a backend (its runtime, the GPU it needs, the precisions it computes in), made before
+    a model is built (DiT-XL/2 takes about 25 s), so that a missing runtime or GPU is refused at once."""
+    from ..precisions import PRECISIONS, QUANT_PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise DitexportError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if kind == "torch" and precision in QUANT_PRECISIONS:
+        raise DitexportError(f"the torch backend computes in fp32 or fp16; {precision} graphs run on the onnxruntime "
+                             f"or tensorrt backend (build them with --precision fp32,fp16,{precision})")
     if kind == "tensorrt":
         from ..engine.plans import EngineError, tensorrt_unavailable_reason
 
@@ -38,7 +45,7 @@ def open_backend(kind: str, precision: str = "fp32", *, model=None, config=None,
     torch runs `model`; onnxruntime and tensorrt run the validated export of `config` in `export_dir` (tensorrt:
     this machine's plan there, or `plan`, an engine built apart from the export). A mismatch names `rebuild_hint`.
     """
-    check_available(kind, device)
+    check_available(kind, device, precision)
     if kind == "torch":
         from .torch_backend import TorchBackend
 
@@ -56,7 +63,7 @@ def open_backend(kind: str, precision: str = "fp32", *, model=None, config=None,
 
         # The plan is checked against the SHA-256 in its metadata as it loads.
         return TensorRTBackend(plan, config, max_batch=max_batch, device=device)
-    return _open_tensorrt(Path(export_dir), config, device, max_batch, rebuild_hint)
+    return _open_tensorrt(Path(export_dir), config, device, max_batch, rebuild_hint, precision)
 
 
 def export_manifest(export_dir: str | Path, rebuild_hint: str | None = None) -> dict:
@@ -86,10 +93,11 @@ def _open_onnxruntime(export_dir: Path, precision: str, config, device, max_batc
     with read_lock(export_dir):  # a build writing the export is waited for, then its result is read
         export_manifest(export_dir, hint)
         entry = verify_export(export_dir, [], rebuild=hint, all_sizes=all_sizes, config=config)
-        onnx_path, cond_path = entry.graph_path("xty", precision), entry.graph_path("cond", precision)
+        form = _onnxruntime_form(entry, precision, providers, device)
+        onnx_path, cond_path = entry.graph_path("xty", precision, form), entry.graph_path("cond", precision, form)
         if onnx_path is None:
-            raise DitexportError(f"the export in {export_dir} has no {precision} graph; rebuild it with "
-                                 f"--precision fp32,{precision}")
+            raise DitexportError(f"the export in {export_dir} has no {precision} graph; rebuild it with: "
+                                 f"{_with_precision(entry, export_dir, precision)}")
         verify_export(export_dir, [p for p in (onnx_path, cond_path) if p is not None], rebuild=hint,
                       all_sizes=all_sizes)
         return OnnxRuntimeBackend(onnx_path, _entry_config(entry, config), max_batch=max_batch, cond_path=cond_path,
@@ -97,17 +105,43 @@ def _open_onnxruntime(export_dir: Path, precision: str, config, device, max_batc
                                   device=None if isinstance(device, str) and device == "auto" else _device(device))
 
 
-def _open_tensorrt(export_dir: Path, config, device: torch.device, max_batch, hint) -> Backend:
+def _onnxruntime_form(entry, precision: str, providers, device) -> str:
+    """The graph form ONNX Runtime runs: an 8-bit graph's CPU form on the CPU provider, where the export has one
+    (the same quantized values; the TensorRT form's fp16 parts are slow there), else the graph itself."""
+    from .onnxruntime_backend import CPU, default_providers, provider_names
+
+    if entry.graph_path("xty", precision, "cpu") is None:
+        return ""
+    device = None if isinstance(device, str) and device == "auto" else _device(device)
+    return "cpu" if provider_names(providers or default_providers(device))[0] == CPU else ""
+
+
+def _with_precision(entry, export_dir: Path, precision: str) -> str:
+    """The build command of this export (its recorded flags) with `precision` added to the precisions it has."""
+    from ..artifacts import manifest_flags, rebuild_command
+    from ..precisions import PRECISIONS
+
+    have = [p for p in PRECISIONS if entry.graph_path("xty", p) is not None]
+    wanted = ",".join(p for p in PRECISIONS if p in have or p == precision)
+    flags = manifest_flags(entry.manifest)
+    kept = [w for i, w in enumerate(flags) if w != "--precision" and (i == 0 or flags[i - 1] != "--precision")]
+    return rebuild_command(export_dir, [*kept, "--precision", wanted])
+
+
+def _open_tensorrt(export_dir: Path, config, device: torch.device, max_batch, hint, precision: str = "fp16") -> Backend:
     from ..engine.plans import EngineError, current_environment, find_plan
     from ..locking import read_lock
+    from ..precisions import QUANT_PRECISIONS
     from ..verification import verify_export
     from .tensorrt_backend import TensorRTBackend
 
+    # 8-bit graphs have plans of their own (`model.int8.<gpu>.<trt>.plan`); fp32/fp16: the export's one plan.
+    suffix = f".{precision}" if precision in QUANT_PRECISIONS else ""
     with read_lock(export_dir):
         entry = verify_export(export_dir, [], rebuild=hint, config=config)  # validated, from this model
         env = current_environment(device)  # the plan for the GPU asked for (cuda:N), not the current one
         try:
-            plan = find_plan(export_dir, environment=env)
+            plan = find_plan(export_dir, stem=f"model{suffix}", environment=env)
         except EngineError as e:
             failed = entry.manifest.get("engine") or {}
             if failed.get("status") != "failed":
@@ -116,7 +150,7 @@ def _open_tensorrt(export_dir: Path, config, device: torch.device, max_batch, hi
             raise EngineError(f"{e}; the last engine build of this export failed: {failed.get('reason')}; retry "
                               f"with: {failed.get('retry')}") from None
         try:
-            cond_plan = find_plan(export_dir, stem="cond", environment=env)
+            cond_plan = find_plan(export_dir, stem=f"cond{suffix}", environment=env)
         except EngineError:
             cond_plan = None  # the conditioning-vector engine is optional
         # The plans are checked against the SHA-256 in their metadata as they load.
@@ -136,7 +170,7 @@ def open_export_backend(export_dir: str | Path, kind: str = "onnxruntime", preci
                         rebuild_hint: str | None = None) -> Backend:
     """`open_backend` on a validated export: its graphs or plans checked against the manifest under the export's
     read lock; the torch backend runs the weights the export was built from (refused when they changed since)."""
-    check_available(kind, device)
+    check_available(kind, device, precision)
     if kind == "torch":
         from ..source import ModelSource
         from ..verification import verify_export

@@ -84,7 +84,7 @@ def absent_reason(ctx: BenchContext, name: str) -> str | None:
         if gpu and "CUDAExecutionProvider" not in ort.get_available_providers():
             return ("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu); the CPU provider is "
                     "benchmarked with --device cpu")
-    if name == "tensorrt":
+    if name.startswith("tensorrt"):  # tensorrt and its 8-bit rows
         from ..engine import tensorrt_unavailable_reason
 
         reason = tensorrt_unavailable_reason(for_build=ctx.settings.export_dir is None)
@@ -128,28 +128,31 @@ def _tensorrt_backend(ctx: BenchContext, name: str):
         timing_cache_filename
 
     env = current_environment(ctx.device)
+    # "tensorrt" runs the fp16 graph; "tensorrt-int8"/"-fp8" the Q/DQ graph, from a plan of its own.
+    precision = name.partition("-")[2] or "fp16"
+    stem = "model" if precision == "fp16" else f"model.{precision}"
     if ctx.settings.export_dir is not None:
-        plan = find_plan(ctx.export_dir(), environment=env)  # built by `build`: one profile, opt at its max
+        plan = find_plan(ctx.export_dir(), stem=stem, environment=env)  # built by `build`: one profile
     else:
         # The bench's own engine, from the export's graph, kept apart from the export's engines (which cover
         # `build --max-batch` only).
         ctx.engine_dir.mkdir(parents=True, exist_ok=True)
-        plan = plan_path_for(ctx.engine_dir, environment=env)
-        fp16 = ctx.onnx("fp16")
+        plan = plan_path_for(ctx.engine_dir, stem=stem, environment=env)
+        graph = ctx.onnx(precision)
         # One optimization profile per timed batch, its opt at that batch: each row is timed on kernels
         # chosen for its own size, in one plan (see docs/gpu.md).
         ranges = batch_profiles(b for b, _ in bench_rows(ctx.settings))
-        if _usable_plan(plan, fp16, ranges, ctx.settings.builder_optimization_level, env):
+        if _usable_plan(plan, graph, ranges, ctx.settings.builder_optimization_level, env):
             ctx.log(f"  found cached engine {plan}")
         else:
             ctx.log(f"  building {plan.name} (profiles {', '.join(f'{lo}..{hi}' for lo, _, hi in ranges)}, "
                     f"builder level {ctx.settings.builder_optimization_level}) ...")
-            meta = build_engine(fp16, plan, batch_ranges=ranges, device=ctx.device,
+            meta = build_engine(graph, plan, batch_ranges=ranges, device=ctx.device,
                                 builder_optimization_level=ctx.settings.builder_optimization_level,
                                 timing_cache_path=Path(ctx.settings.out_dir) / timing_cache_filename(
                                     env["gpu_name"], env["tensorrt_version"]))
             ctx.log(f"  built in {meta['build_seconds']:.0f} s")
-    return open_backend("tensorrt", "fp16", config=ctx.model.config, plan=plan, device=ctx.device)
+    return open_backend("tensorrt", precision, config=ctx.model.config, plan=plan, device=ctx.device)
 
 
 def _usable_plan(plan: Path, onnx_path: Path, ranges: list, level: int, env: dict) -> bool:

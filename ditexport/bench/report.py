@@ -11,13 +11,16 @@ from .settings import row_key, UNSTABLE_SPREAD
 def format_table(report: dict) -> str:
     """The short table printed last: one line per backend and batch, then one per failed backend."""
     lines = [f"{'backend':<18} {'prec':<5} {'batch':>5} {'ms/fwd':>9} {'img/s@250':>10} {'img/s@50':>9} "
-             f"{'img/s@dpm10':>11} {'%fp16':>6} {'x eager':>8} {'spread':>7}"]
+             f"{'img/s@dpm10':>11} {'%fp16':>6} {'x eager':>8} {'x ort32':>8} {'spread':>7}"]
     for r in report["results"]:
         pct = f"{r['pct_fp16_matmul_peak']:.1f}" if r["pct_fp16_matmul_peak"] is not None else "-"
         ratio = f"{r['speedup_vs_torch_eager']:.2f}" if r["speedup_vs_torch_eager"] is not None else "-"
+        ort32 = r.get("speedup_vs_onnxruntime_fp32")
+        ort32 = f"{ort32:.2f}" if ort32 is not None else "-"
         lines.append(f"{r['backend']:<18} {r['precision']:<5} {row_key(r['batch'], r['guided']):>5} "
                      f"{r['ms_per_forward']:>9.3f} {r['images_per_s_250']:>10.3g} {r['images_per_s_50']:>9.3g} "
-                     f"{r['images_per_s_dpmpp_2m_10']:>11.3g} {pct:>6} {ratio:>8} {100 * r['spread']:>5.0f} %{'!' if r['spread'] > UNSTABLE_SPREAD else ''}")
+                     f"{r['images_per_s_dpmpp_2m_10']:>11.3g} {pct:>6} {ratio:>8} {ort32:>8} "
+                     f"{100 * r['spread']:>5.0f} %{'!' if r['spread'] > UNSTABLE_SPREAD else ''}")
     for failed in report.get("failed", []):
         lines.append(f"{failed['backend']:<18} FAILED: {failed['error']}")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ METHOD = ("For each backend and forward batch size it reports the median ms per 
           "replaced by a constant output, and one real end-to-end sample per backend checks the derivation.")
 
 BENCH_BACKENDS = ("torch-eager", "torch-cuda-graph", "torch-compile", "onnxruntime-fp32", "onnxruntime-fp16",
-                  "tensorrt")
+                  "onnxruntime-int8", "onnxruntime-fp8", "tensorrt", "tensorrt-int8", "tensorrt-fp8")
 BASELINE = "torch-eager"
 GUIDED_BATCHES = (2, 8, 32, 64)
 SAMPLING_STEPS = (250, 50)

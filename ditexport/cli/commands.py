@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import DitexportError
 from .options import (describe_model, export_dir_of, load_cli_model, model_source, rebuild_hint, resolve_device,
                       set_threads)
 
@@ -126,17 +127,37 @@ def cmd_export_vae(args) -> int:
 
 # ------------------------------------------------------------------------------------- build, validate
 
+def quantization_settings(args):
+    """--calib-images, --calib-steps, --calib-amax and --quantize as the library's settings, checked before any
+    work; a setting out of range is one line naming its flag."""
+    from ..precisions import CalibrationSettings, QuantizationError, QuantRecipe
+
+    calibration = CalibrationSettings(images=args.calib_images, steps=args.calib_steps)
+    recipe = QuantRecipe(layers=tuple(n.strip() for n in args.quantize.split(",") if n.strip()),
+                         activation_amax=args.calib_amax, smoothquant_alpha=args.smoothquant)
+    flags = {"calib_images": "--calib-images", "calib_steps": "--calib-steps", "layers": "--quantize",
+             "activation_amax": "--calib-amax", "smoothquant_alpha": "--smoothquant"}
+    try:
+        calibration.check()
+        recipe.check()
+    except QuantizationError as e:
+        raise DitexportError(f"{flags.get(e.field, e.field)}: {e}") from None
+    return calibration, recipe
+
+
 def cmd_build(args) -> int:
     from ..api import ValidationFailedError, build
     from ..building import parse_precisions
 
     parse_precisions(args.precision)  # a bad list is refused before the model is built
+    calibration, recipe = quantization_settings(args)
     out = export_dir_of(args)
     model = load_cli_model(args)
     print(f"model: {describe_model(model)}; {set_threads(args, model.config.hidden_size)}")
     try:
         export = build(model, out, precisions=args.precision, max_images=args.max_batch, opset=args.opset,
-                       sample_steps=args.sample_steps, vae=args.vae, force=args.force, wait=not args.no_wait)
+                       sample_steps=args.sample_steps, vae=args.vae, force=args.force, wait=not args.no_wait,
+                       calibration=calibration, recipe=recipe)
     except ValidationFailedError:
         return 1  # the report, ending in FAILED, has been printed
     return 1 if export.engine["status"] == "failed" else 0  # its one line, with the retry, has been printed

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 
 from .commands import cmd_bench, cmd_build, cmd_demo, cmd_export_vae, cmd_gpu_check, cmd_train_digits, cmd_validate
+from ..precisions import (ACTIVATION_AMAX, CALIBRATION_LIMITS, PRECISIONS, QUANTIZABLE,
+                          CalibrationSettings, QuantRecipe)
 from .sampling import cmd_eval, cmd_info, cmd_sample
 from ..limits import DemoLimits, add_limit_arguments
 from ..serving.command import add_serve_parser
@@ -114,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images when --classes is not given, cycling through the classes (default: 8)")
     p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default: cpu)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                   help="torch: fp16 on any device (fp16 on the CPU is slow but correct); onnxruntime/tensorrt: "
-                        "the export's graph of this precision (default: fp32)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="torch: fp32 or fp16 (fp16 on the CPU is slow but correct); onnxruntime/tensorrt: the "
+                        "export's graph of this precision (int8 on the CPU runs its CPU form; default: fp32)")
     p.add_argument("--max-batch", type=positive_int, default=None, help="split forwards above this batch")
     p.add_argument("--cuda-graph", action="store_true",
                    help="torch on CUDA: capture the forward in a CUDA graph per batch size and replay it")
@@ -179,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_arguments(p, guidance_help="guidance scale; the unguided scale 1 is always measured beside it "
                                            f"(default: {SAMPLER.guidance_scale})")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default: cpu)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+                   help="run the torch model, or the export's graphs or plans (default: torch)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the precision to run (onnxruntime/tensorrt: the export's graph of it; default: fp32)")
+    p.add_argument("--export-dir", default=None,
+                   help="export to run with --backend onnxruntime/tensorrt (default: exports/<model name>)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this path")
     add_threads_argument(p)
     p.set_defaults(func=cmd_eval)
@@ -191,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench, quick = BenchSettings(), BenchSettings.quick_settings()
     p.add_argument("--backends", default=None,
                    help=f"comma-separated subset of {', '.join(BENCH_BACKENDS)} (default: all; those this machine "
-                        "cannot run are skipped)")
+                        "cannot run, or whose graph the export lacks, are skipped)")
     p.add_argument("--device", default=bench.device,
                    help=f"cpu, cuda or auto (default: {bench.device}; auto is the GPU when there is one)")
     p.add_argument("--batch-sizes", type=parse_batch_sizes, default=bench.batch_sizes,
@@ -268,8 +276,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "exports/<config>-<size> such as exports/DiT-S-2-256); --out is an alias")
     build = BuildSettings()
     p.add_argument("--precision", default=",".join(build.precisions),
-                   help="comma-separated graph precisions; fp32 is always built, as the reference "
-                        f"(default: {','.join(build.precisions)})")
+                   help=f"comma-separated graph precisions of {', '.join(PRECISIONS)}; fp32 is always built, as the "
+                        f"reference (default: {','.join(build.precisions)}); int8/fp8 are calibrated Q/DQ graphs "
+                        "(docs/quantization.md)")
+    g = p.add_argument_group("8-bit graphs (int8, fp8)")
+    g.add_argument("--calib-images", type=int, default=CalibrationSettings.images, metavar="N",
+                   help=f"images sampled to calibrate, {CALIBRATION_LIMITS['images'][0]} to "
+                        f"{CALIBRATION_LIMITS['images'][1]} (default: {CalibrationSettings.images})")
+    g.add_argument("--calib-steps", type=int, default=CalibrationSettings.steps, metavar="N",
+                   help=f"sampler steps of each calibration run, {CALIBRATION_LIMITS['steps'][0]} to "
+                        f"{CALIBRATION_LIMITS['steps'][1]} (default: {CalibrationSettings.steps}, "
+                        f"{CalibrationSettings.method})")
+    g.add_argument("--calib-amax", choices=ACTIVATION_AMAX, default=QuantRecipe.activation_amax,
+                   help=f"activation range: the largest |x| seen, or the largest per-call {QuantRecipe.percentile} "
+                        f"percentile (default: {QuantRecipe.activation_amax})")
+    g.add_argument("--smoothquant", type=float, default=QuantRecipe.smoothquant_alpha, metavar="ALPHA",
+                   help="int8: SmoothQuant's per-channel migration with this alpha, between 0 and 1 (default: off)")
+    g.add_argument("--quantize", default=",".join(QuantRecipe.layers), metavar="LAYERS",
+                   help=f"comma-separated GEMMs to quantize, of {', '.join(QUANTIZABLE)} (default: "
+                        f"{','.join(QuantRecipe.layers)}; the rest stay in the fp16 graph's precision)")
     p.add_argument("--max-batch", type=positive_int, default=build.max_images,
                    help="images per request the engine profile covers; guidance doubles the rows "
                         f"(default: {build.max_images})")

@@ -47,7 +47,7 @@ def sample_pipeline(args):
     from ..pipeline import Pipeline
     from ..source import source_of
 
-    check_available(args.backend, args.device)
+    check_available(args.backend, args.device, args.precision)
     if args.backend == "torch":
         model = load_cli_model(args)
         threads = set_threads(args, model.config.hidden_size)
@@ -106,14 +106,20 @@ def cmd_sample(args) -> int:
 
 def cmd_eval(args) -> int:
     from ..artifacts import atomic_write_json
-    from ..backends.open import open_backend
+    from ..backends.open import check_available, open_backend
     from ..zoo.digits_eval import evaluate_digits
 
     device = resolve_device(args.device)  # before the model: a missing GPU is refused at once
+    check_available(args.backend, args.device, args.precision)
     model = load_cli_model(args)
     source = describe_model(model)
     threads = set_threads(args, model.config.hidden_size)
-    backend = open_backend("torch", model=model, device=device)
+    if args.backend == "torch":
+        backend = open_backend("torch", args.precision, model=model, device=device)
+    else:
+        export_dir = export_dir_of(args)
+        backend = open_backend(args.backend, args.precision, model=model, export_dir=export_dir, device=args.device,
+                               rebuild_hint=rebuild_hint(args, export_dir))
     unguided = "" if args.cfg_scale == 1 else " and without"
     print(f"model: {source}; backend: {backend.describe()}, {threads}; {args.num_per_class} digits per class, "
           f"{args.steps} {args.sampler} steps, with guidance {args.cfg_scale:g}{unguided}")

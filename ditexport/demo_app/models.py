@@ -11,6 +11,7 @@ from ..artifacts import GRAPH_STEMS, ExportEntry
 from ..class_names import class_names
 from ..errors import DitexportError
 from ..model import DIT_CONFIGS, DiT, DiTConfig
+from ..precisions import PRECISIONS
 from .limits import BUILTIN_KEY, log
 
 
@@ -80,7 +81,7 @@ class ModelEntry:
         if self.load_torch is not None:
             choices.append("torch (fp32)")
         if self.onnx_paths and _onnxruntime_backend_class() is not None:
-            choices += [f"onnxruntime ({p})" for p in ("fp32", "fp16") if p in self.onnx_paths]
+            choices += [f"onnxruntime ({p})" for p in PRECISIONS if p in self.onnx_paths]
         if "xty" in self.engine_paths and _tensorrt_available():
             choices.append("tensorrt (fp16)")
         return choices

@@ -48,9 +48,15 @@ def engine_stage(export_dir: Path, model: DiT, precisions, profile: BatchProfile
 
 def engine_targets(export_dir: Path, model: DiT, precisions, profile: BatchProfile) -> list:
     """(plan stem, ONNX graph, batch profile) of each engine: the DiT's graphs in fp16 (fp32 when fp16 is not built)
-    on `profile` (rows), and a latent export's VAE decoder in the same precision on images (half the guided rows)."""
+    on `profile` (rows); each 8-bit graph's TensorRT form, plans of their own (`<stem>.<precision>.<gpu>.<trt>.plan`,
+    strongly typed from the Q/DQ graph); and a latent export's VAE decoder in the fp16/fp32 precision on images (half
+    the guided rows)."""
+    from ..precisions import QUANT_PRECISIONS
+
     precision = "fp16" if "fp16" in precisions else "fp32"
     targets = [(stem, export_dir / onnx_filename(graph, precision), profile) for graph, stem in GRAPH_STEMS.items()]
+    targets += [(f"{stem}.{p}", export_dir / onnx_filename(graph, p), profile) for p in precisions
+                if p in QUANT_PRECISIONS for graph, stem in GRAPH_STEMS.items()]
     vae = export_dir / onnx_filename(VAE_GRAPH, precision)
     if vae.is_file():
         images = profile.max // (2 if model.config.has_null_class else 1)
@@ -124,7 +130,10 @@ def recheck_engines(export_dir: Path, model: DiT, entry: dict, log, rebuild_comm
 
     if entry.get("status") != "built" or engine.tensorrt_unavailable_reason(for_build=False) is not None:
         return entry
-    plans = [engine.plan_path_for(export_dir, stem) for stem in (*GRAPH_STEMS.values(), VAE_GRAPH)]
+    from ..precisions import QUANT_PRECISIONS
+
+    stems = [f"{stem}{suffix}" for stem in GRAPH_STEMS.values() for suffix in ("", *(f".{p}" for p in QUANT_PRECISIONS))]
+    plans = [engine.plan_path_for(export_dir, stem) for stem in (*stems, VAE_GRAPH)]
     if not any(plan.is_file() for plan in plans):
         return entry  # built on another GPU or TensorRT version
     return compare_engines(export_dir, model, entry, plans, log, rebuild_command)

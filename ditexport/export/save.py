@@ -47,7 +47,10 @@ def clean_up(proto):
 
     _einsum_to_transpose(proto)
     g = proto.graph
-    weights = {t.name: t for t in g.initializer if t.ByteSize() > _WEIGHT_BYTES}
+    # Q/DQ operands too: folding DequantizeLinear of a stored 8-bit weight would undo its quantization, and
+    # graphsurgeon has no numpy type for FP8.
+    qdq = {name for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for name in n.input}
+    weights = {t.name: t for t in g.initializer if t.ByteSize() > _WEIGHT_BYTES or t.name in qdq}
     skeleton = helper.make_model(
         helper.make_graph(list(g.node), g.name,
                           list(g.input) + [helper.make_tensor_value_info(n, t.data_type, list(t.dims))
@@ -55,9 +58,14 @@ def clean_up(proto):
                           list(g.output), initializer=[t for t in g.initializer if t.name not in weights],
                           value_info=list(g.value_info)),
         opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
-    graph = gs.import_onnx(skeleton)
-    graph.fold_constants(fold_shapes=True, error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
-    cleaned = gs.export_onnx(graph, do_type_check=True).graph
+    severity = gs.logger.G_LOGGER.severity
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # it warns, on stdout, that FP8 has no numpy type
+    try:
+        graph = gs.import_onnx(skeleton)
+        graph.fold_constants(fold_shapes=True, error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+        cleaned = gs.export_onnx(graph, do_type_check=True).graph
+    finally:
+        gs.logger.G_LOGGER.severity = severity
     del graph, skeleton
 
     # graphsurgeon drops node metadata; the module scopes in it drive the fp16 policy and tell a reader where a

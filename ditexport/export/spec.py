@@ -8,12 +8,12 @@ import torch
 from ..engine.profile import DEFAULT_MAX_BATCH_IMAGES, BatchProfile
 from ..errors import DitexportError
 from ..model import DiTConfig
+from ..precisions import DEFAULT_PRECISIONS, PRECISIONS, QUANT_PRECISIONS  # re-exported by ditexport.export
 from ..settings import BuildSettings
 from .precision import FP16_POLICY_TEXT
 
 
 GRAPHS = ("xty", "cond")
-PRECISIONS = ("fp32", "fp16")
 # "fp16-all" (every op in fp16, I/O fp32) exists only to show what the precision policy prevents.
 DIAGNOSTIC_PRECISIONS = ("fp16-all",)
 
@@ -23,7 +23,10 @@ ONNX_ATTENTION_OPSET = 23  # from this opset on, SDPA is exported as the ONNX `A
 # A protobuf message cannot exceed 2 GiB, so bigger graphs keep their weights in a side file.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 
-TOLERANCE = {"fp32": 1e-5, "fp16": 5e-3}  # relative error ||a - b|| / ||b|| against torch fp32
+# Relative error ||a - b|| / ||b|| against torch fp32. The 8-bit bounds sit about 3x above the worst error
+# measured (the trained digits model and DiT-S/2 ... XL/2 with random weights; docs/quantization.md), and a
+# misplaced scale or axis lands far above them.
+TOLERANCE = {"fp32": 1e-5, "fp16": 5e-3, "int8": 3e-2, "fp8": 5e-2}
 
 
 class ExportError(DitexportError):

@@ -25,17 +25,22 @@ class _MatMulAttention(nn.Module):
     keeps Q K^T inside the fp16 range. Shares the parameters of the module it stands in for.
     """
 
-    def __init__(self, attn: nn.Module):
+    def __init__(self, attn: nn.Module, observe=None):
         super().__init__()
         self.qkv, self.proj = attn.qkv, attn.proj
         self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.observe = observe  # calibration: called with ("q" | "k" | "softmax" | "v", tensor) of both matmuls
 
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                 # (B, heads, N, head_dim)
         s = self.head_dim ** -0.25
-        weights = torch.softmax((q * s) @ (k * s).transpose(-2, -1), dim=-1)  # (B, heads, N, N)
+        q, k = q * s, k * s
+        weights = torch.softmax(q @ k.transpose(-2, -1), dim=-1)  # (B, heads, N, N)
+        if self.observe is not None:
+            for role, tensor in (("q", q), ("k", k), ("softmax", weights), ("v", v)):
+                self.observe(role, tensor)
         x = (weights @ v).transpose(1, 2).reshape(B, N, C)
         return self.proj(x)
 

@@ -9,6 +9,8 @@ from dataclasses import fields
 from ..limits import RequestLimits, add_limit_arguments
 from .settings import ServeSettings, ServiceLimits
 
+from ..precisions import PRECISIONS
+
 
 def add_serve_parser(sub, positive_int, add_threads_argument) -> None:
     p = sub.add_parser("serve", help="serve an export over HTTP with Ray Serve",
@@ -16,7 +18,9 @@ def add_serve_parser(sub, positive_int, add_threads_argument) -> None:
                                    "GET /healthz) with Ray Serve and step-level continuous batching.")
     p.add_argument("--export-dir", required=True, help="the validated export to serve")
     p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default=ServeSettings.backend)
-    p.add_argument("--precision", choices=("fp32", "fp16"), default=ServeSettings.precision)
+    p.add_argument("--precision", choices=PRECISIONS, default=ServeSettings.precision,
+                   help="the export's graph (onnxruntime: int8 runs its CPU form on the CPU) or plan of this "
+                        f"precision; torch: fp32 or fp16 (default: {ServeSettings.precision})")
     p.add_argument("--device", default=ServeSettings.device, help="torch backend: cpu or cuda (default: cpu)")
     p.add_argument("--max-batch", type=positive_int, default=None, help="split forwards above this batch")
     p.add_argument("--port", type=positive_int, default=8000, help="HTTP port (default: 8000)")

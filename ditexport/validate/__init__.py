@@ -23,7 +23,7 @@ import torch
 
 from ..artifacts import GRAPH_STEMS, VAE_GRAPH, onnx_filename, scratch_dir, vae_onnx_filename
 from ..errors import DitexportError
-from ..export import GRAPHS, PRECISIONS, TOLERANCE, emulate_fp16, emulated_copy
+from ..export import GRAPHS, PRECISIONS, QUANT_PRECISIONS, TOLERANCE, emulate_fp16, emulated_copy
 from ..model import DiT
 from ..progress import heartbeat
 from .metrics import (CLASS_AGREEMENT_FLOOR, DEFAULT_BATCHES, FP16_MAX, SAMPLE_PSNR_FLOOR, needs_emulation, psnr,
@@ -60,23 +60,25 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
     providers = providers or default_providers()
     model = model.float().eval()
     report = ValidationReport(str(export_dir), model_name, onnxruntime.__version__, provider_names(providers))
-    present = {(g, p): export_dir / onnx_filename(g, p) for g in GRAPHS for p in PRECISIONS
-               if (export_dir / onnx_filename(g, p)).is_file()}
+    # (graph, precision, form): form "" for fp32/fp16 and the 8-bit TensorRT form, "cpu" for int8's CPU form
+    present = {(g, p, f): export_dir / onnx_filename(g, p, f) for g in GRAPHS for p in PRECISIONS
+               for f in (("", "cpu") if p == "int8" else ("",)) if (export_dir / onnx_filename(g, p, f)).is_file()}
     references = {}
-    for (graph, precision), path in present.items():
+    for (graph, precision, form), path in present.items():
         stage_start = time.perf_counter()
         with heartbeat(log, f"validate: {path.name} against torch at batches {', '.join(map(str, batches))}"):
             checks = check_graph(model, path, graph=graph, precision=precision, batches=batches,
-                                 providers=providers, references=references)
+                                 providers=providers, references=references, form=form)
         report.checks.extend(checks)
         worst = max(checks, key=lambda c: c.rel_err)
         log(f"validate: {path.name:<17} {precision}  worst rel err {worst.rel_err:.2e} "
             f"(tolerance {worst.tolerance:.0e})  {'ok' if all(c.passed for c in checks) else 'FAILED'}  "
             f"({time.perf_counter() - stage_start:.1f} s)")
-        fp32 = present.get((graph, "fp32"))
+        fp32 = present.get((graph, "fp32", ""))
         if precision != "fp32" and not all(c.passed for c in checks) and fp32 is not None:
             try:
-                report.drift.append(locate_drift(fp32, path, graph_feed(model, graph, 1, seed=1)))
+                report.drift.append(locate_drift(fp32, path, graph_feed(model, graph, 1, seed=1),
+                                                 tolerance=TOLERANCE[precision]))
             except DitexportError as e:  # the diagnosis is optional; the failure is already recorded
                 report.drift.append({"candidate": path.name, "reference": fp32.name, "error": str(e)})
     vae_graphs = {p: export_dir / vae_onnx_filename(p) for p in VAE_PRECISIONS
@@ -92,8 +94,9 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
             f"{'ok' if check['passed'] else 'FAILED'}  ({time.perf_counter() - stage_start:.1f} s)")
     if stress:
         stage_start = time.perf_counter()
+        quantized = tuple(p for p in QUANT_PRECISIONS if any(key[1] == p for key in present))
         with heartbeat(log, "validate: stress check"):
-            report.stress = stress_check(opset=opset, workdir=export_dir)
+            report.stress = stress_check(opset=opset, workdir=export_dir, quantized=quantized)
         log(f"validate: stress check (all-fp16 must overflow, the mixed graph must not)  "
             f"{'ok' if report.stress['passed'] else 'FAILED'}  ({time.perf_counter() - stage_start:.1f} s)")
     if sample_steps != 0:
@@ -104,13 +107,14 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
         n = sample_images or (model.config.num_classes if digits else 2)
         labels = [i % model.config.num_classes for i in range(n)]
         with scratch_dir(export_dir, "samples") as tmp:
-            def make(path: Path, precision: str):
+            def make(path: Path, precision: str, form: str):
                 def backend():
-                    run = emulated_copy(path, tmp) if needs_emulation(precision, providers) else path
+                    emulate = needs_emulation(precision, providers) and form != "cpu"
+                    run = emulated_copy(path, tmp) if emulate else path
                     return OnnxRuntimeBackend(run, model.config, providers=providers)
                 return backend
 
-            backends = {path.name: make(path, precision) for (graph, precision), path in present.items()
+            backends = {path.name: make(path, precision, form) for (graph, precision, form), path in present.items()
                         if graph == "xty"}
             decoders = reference_decoder = None
             if vae_graphs:
@@ -126,7 +130,7 @@ def validate_export(export_dir: str | Path, model: DiT, *, model_name: str = "",
                     emulated = needs_emulation(path_precision(path), providers)
                     return lambda: OnnxRuntimeDecoder(emulated_copy(path, tmp) if emulated else path,
                                                       image_shape=image_shape, providers=providers, label=path.name)
-                decoders = {p: decoder(p) for (g, p) in present if g == "xty"}
+                decoders = {p: decoder(p) for (g, p, _) in present if g == "xty"}
             report.samples = sample_parity(model, backends, labels=labels, steps=steps, log=log,
                                            reference_decoder=reference_decoder, decoders=decoders)
         for s in report.samples:
@@ -165,13 +169,15 @@ def tensorrt_parity(export_dir: str | Path, model: DiT, *, batches=DEFAULT_BATCH
         return {"status": "skipped", "reason": reason}
     export_dir = Path(export_dir)
     rows = []
-    for graph, stem in (*GRAPH_STEMS.items(), (VAE_GRAPH, VAE_GRAPH)):
+    stems = [(graph, s) for graph, stem in GRAPH_STEMS.items()
+             for s in (stem, *(f"{stem}.{p}" for p in QUANT_PRECISIONS))]  # fp16/fp32, then the 8-bit plans
+    for graph, stem in (*stems, (VAE_GRAPH, VAE_GRAPH)):
         plan = engine.plan_path_for(export_dir, stem)
         if not plan.is_file():
             continue
         meta = engine.read_engine_metadata(plan)
         onnx_path = export_dir / meta["onnx_file"]
-        precision = path_precision(onnx_path)
+        precision = engine.plan_precision(meta)
         feeds = [{k: v.numpy() for k, v in _engine_feed(model, graph, b).items()}
                  for b in batches if meta["batch"]["min"] <= b <= meta["batch"]["max"]]
         with heartbeat(log, f"validate: {plan.name} against {onnx_path.name} (TensorRT vs ONNX Runtime)"):

@@ -11,7 +11,7 @@ import torch
 DEFAULT_BATCHES = (1, 2, 5)           # 1, 2 and an odd size on one session: the batch axis is really dynamic
 FP16_MAX = 65504.0
 # Sample-level floors on PSNR (images in [0, 1]); measured margins are in docs/export.md.
-SAMPLE_PSNR_FLOOR = {"fp32": 40.0, "fp16": 25.0}
+SAMPLE_PSNR_FLOOR = {"fp32": 40.0, "fp16": 25.0, "int8": 15.0, "fp8": 15.0}
 CLASS_AGREEMENT_FLOOR = 0.9           # share of samples the digit classifier puts in the same class as torch's
 
 

@@ -51,8 +51,9 @@ class ValidationReport:
             lines.append(f"  {c.file:<17} {precision:<9} {c.batch:>5} {c.rel_err:>9.2e} {c.max_abs:>9.2e} "
                          f"{c.tolerance:>9.0e}  {result}")
         if any(c.emulated for c in self.checks):
-            lines.append("  * fp16 on the CPU provider: run as fp32 ops on fp16-rounded tensors, as fp16 hardware stores "
-                         "them (ORT's CPU kernels would otherwise compute most of it in fp32)")
+            lines.append("  * fp16 (and the fp16 parts of 8-bit graphs) on the CPU provider: run as fp32 ops on "
+                         "fp16-rounded tensors, as fp16 hardware stores them (ORT's CPU kernels would otherwise "
+                         "compute most of it in fp32)")
         for d in self.drift:
             if "error" in d:
                 lines.append(f"  per-tensor {d['candidate']} vs {d['reference']}: not run ({d['error']})")
@@ -76,6 +77,10 @@ class ValidationReport:
                          f"({'finite' if p['finite'] else 'NON-FINITE'}); all-fp16 "
                          f"{'finite (overflow not shown)' if a['finite'] else 'non-finite, as expected'}  "
                          f"{'ok' if s['passed'] else 'FAILED'}")
+            for precision, q in (s.get("quantized") or {}).items():
+                lines.append(f"  stress {precision} (Q/DQ on the mixed fp16 graph): rel err {q['rel_err']:.2e} "
+                             f"({'finite' if q['finite'] else 'NON-FINITE'}; bound {q['tolerance']:g})  "
+                             f"{'ok' if q['passed'] else 'FAILED'}")
         for s in self.samples:
             finite = [v for v in s.psnr_db if math.isfinite(v)]
             low = min(s.psnr_db)

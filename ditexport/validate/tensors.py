@@ -67,10 +67,11 @@ def _io_problem(session, spec, batch: int, out: np.ndarray) -> str:
 
 def check_graph(model: DiT, onnx_path: str | Path, *, graph: str = "xty", precision: str = "fp32",
                 batches=DEFAULT_BATCHES, seed: int = 0, providers: list[str] | None = None,
-                tolerance: float | None = None, references: dict | None = None) -> list[GraphCheck]:
-    """One ONNX Runtime session, run at every batch size and compared with torch fp32 (fp16 on the CPU: emulated).
+                tolerance: float | None = None, references: dict | None = None, form: str = "") -> list[GraphCheck]:
+    """One ONNX Runtime session, run at every batch size and compared with torch fp32 (fp16 on the CPU: emulated;
+    an 8-bit graph's CPU `form` holds no fp16 and runs as it is).
 
-    `references` caches torch outputs by (graph, batch, seed), so the fp32 and fp16 graphs share them.
+    `references` caches torch outputs by (graph, batch, seed), so the fp32, fp16 and 8-bit graphs share them.
     """
     from ..backends.onnxruntime_backend import default_providers, load_session
 
@@ -78,7 +79,7 @@ def check_graph(model: DiT, onnx_path: str | Path, *, graph: str = "xty", precis
     tolerance = TOLERANCE[precision] if tolerance is None else tolerance
     spec = graph_spec(model.config, graph)
     providers = providers or default_providers()
-    emulated = needs_emulation(precision, providers)
+    emulated = needs_emulation(precision, providers) and form != "cpu"
     with scratch_dir(onnx_path.parent, "check") as tmp:
         session = load_session(emulated_copy(onnx_path, tmp) if emulated else onnx_path, providers)
     checks = []
@@ -138,7 +139,7 @@ def locate_drift(reference_path: str | Path, candidate_path: str | Path, feed: d
                  tolerance: float = TOLERANCE["fp16"]) -> dict:
     """Compares two graphs of one model tensor by tensor and names the first tensor whose rel error
     exceeds `tolerance`, in the candidate's graph order (tensors only the candidate has, e.g. casts, are skipped).
-    `candidate_path` is an fp16 graph; `reference_path` the fp32 graph of the same export.
+    `candidate_path` is an fp16 or 8-bit graph; `reference_path` the fp32 graph of the same export.
     """
     arrays = {k: v.numpy() for k, v in feed.items()}
     with scratch_dir(Path(candidate_path).parent, "drift") as tmp:
