@@ -185,30 +185,46 @@ class ForegroundServe:
 
 # -- the steps -------------------------------------------------------------------------------------
 
-def start_cluster(sc: Scenario) -> dict:
-    """Two raylets, each with 3 logical CPUs (Ray reserves them, the machine's cores are shared)."""
-    ray = str(Path(sys.executable).with_name("ray"))
+def start_head(sc: Scenario) -> tuple[float, dict]:
+    """The head node (3 logical CPUs: Ray reserves them, the machine's cores are shared, dashboard on loopback for
+    `serve deploy` and `serve status`); returns its start time and the environment of both nodes."""
     # Replicas report their load every second (Ray's default: 10 s), so the autoscaling ramp fits in CI.
     env = {**sc.env, "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
     start = time.perf_counter()
-    head = sc.run([ray, "start", "--head", "--node-ip-address", HOST, "--port", str(GCS_PORT), "--num-cpus", "3",
-                   "--dashboard-host", HOST, "--dashboard-port", str(DASHBOARD_PORT), "--ray-client-server-port",
+    head = sc.run([tool("ray"), "start", "--head", "--node-ip-address", HOST, "--port", str(GCS_PORT), "--num-cpus",
+                   "3", "--dashboard-host", HOST, "--dashboard-port", str(DASHBOARD_PORT), "--ray-client-server-port",
                    str(CLIENT_PORT), "--disable-usage-stats", "--temp-dir", str(sc.dir / "ray")], 180, env)
-    head_s = time.perf_counter() - start
-    worker = sc.run([ray, "start", "--address", f"{HOST}:{GCS_PORT}", "--node-ip-address", HOST, "--num-cpus", "3",
-                     "--disable-usage-stats"], 180, env)
-    if head.returncode or worker.returncode:
-        raise RuntimeError(f"ray start failed: {head.stderr[-2000:]} {worker.stderr[-2000:]}")
+    if head.returncode:
+        raise RuntimeError(f"ray start --head failed: {head.stderr[-2000:]}")
     from ditexport.serving.cluster import join
 
     os.environ.update(sc.env)
-    join(f"{HOST}:{GCS_PORT}", 60)
-    import ray as ray_module
+    join(f"{HOST}:{GCS_PORT}", 60)  # this script reads the applications' states and replicas as a driver
+    return time.perf_counter() - start, env
 
-    nodes = [n for n in ray_module.nodes() if n["Alive"]]
-    return {"head_s": round(head_s, 1), "worker_s": round(time.perf_counter() - start - head_s, 1),
-            "nodes": len(nodes), "cpus": sum(n["Resources"].get("CPU", 0) for n in nodes),
-            "token_auth": os.environ.get("RAY_AUTH_MODE")}
+
+def start_worker(sc: Scenario, env: dict) -> subprocess.Popen:
+    """The second node, a raylet of its own joining the head (started while the head takes the config file)."""
+    return subprocess.Popen([tool("ray"), "start", "--address", f"{HOST}:{GCS_PORT}", "--node-ip-address", HOST,
+                             "--num-cpus", "3", "--disable-usage-stats"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=sc.dir)
+
+
+def joined_cluster(sc: Scenario, head_s: float, worker: subprocess.Popen, worker_started: float) -> dict:
+    _, err = worker.communicate(timeout=180)
+    if worker.returncode:
+        raise RuntimeError(f"ray start --address failed: {err[-2000:]}")
+    worker_s = time.perf_counter() - worker_started
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    return {"head_s": round(head_s, 1), "worker_s": round(worker_s, 1), "nodes": len(nodes),
+            "cpus": sum(n["Resources"].get("CPU", 0) for n in nodes), "token_auth": os.environ.get("RAY_AUTH_MODE")}
+
+
+def tool(name: str) -> str:
+    """`ray` or `serve`, the command-line tools beside this Python."""
+    return str(Path(sys.executable).with_name(name))
 
 
 def wait_for(predicate, timeout: float, every: float = 0.5):
@@ -240,7 +256,7 @@ def deploy_config(sc: Scenario, export_dir: str) -> dict:
                                          "import_path": "bystander_app:app"}]}
     path = sc.dir / "config.yaml"
     path.write_text(yaml.safe_dump(deployed))
-    serve = str(Path(sys.executable).with_name("serve"))
+    serve = tool("serve")
     start = time.perf_counter()
     done = sc.run([serve, "deploy", "-a", f"http://{HOST}:{DASHBOARD_PORT}", str(path)])
     running = wait_for(lambda: all(app_states().get(n) == "RUNNING" for n in ("digits-config", "bystander")), 180)
@@ -256,15 +272,21 @@ def placement(name: str) -> dict[str, int]:
     return replicas_per_node(name)
 
 
-def answers(sc: Scenario, export_dir: str) -> dict:
+def start_sample(sc: Scenario, export_dir: str) -> subprocess.Popen:
+    """`sample` of BODY's request on the same backend and threads, whose pixels every application must give."""
+    return subprocess.Popen([sys.executable, "-m", "ditexport", "-q", "sample", "--export-dir", export_dir,
+                             "--backend", "onnxruntime", "--classes", "3,1", "--steps", "6", "--sampler", "dpmpp-2m",
+                             "--seed", "7", "--torch-threads", "1", "--out", str(sc.dir / "lone.png"), "--npz",
+                             str(sc.dir / "lone.npz")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=sc.env, cwd=sc.dir)
+
+
+def answers(sc: Scenario, sample: subprocess.Popen) -> dict:
     import numpy as np
 
-    npz = sc.dir / "lone.npz"
-    sample = sc.run([sys.executable, "-m", "ditexport", "-q", "sample", "--export-dir", export_dir, "--backend",
-                     "onnxruntime", "--classes", "3,1", "--steps", "6", "--sampler", "dpmpp-2m", "--seed", "7",
-                     "--torch-threads", "1", "--out", str(sc.dir / "lone.png"), "--npz", str(npz)])
-    lone = np.load(npz)["arr_0"] if sample.returncode == 0 else None
-    out: dict = {"sample_code": sample.returncode}
+    code = sample.wait(timeout=300)
+    lone = np.load(sc.dir / "lone.npz")["arr_0"] if code == 0 else None
+    out: dict = {"sample_code": code}
     for label, path, body in (("digits", "/digits", BODY), ("digits-b", "/digits-b", BODY),
                               ("digits-config", "/digits-config", BODY),
                               ("digits-b via digits", "/digits", {**BODY, "model": "digits-b"}),
@@ -359,11 +381,18 @@ def refusals(sc: Scenario, export_dir: str) -> dict:
         "no token for a token cluster": (["--address", address, "--export-dir", export_dir, "--name", "tokenless",
                                           "--connect-timeout-s", "8"], no_token),
     }
-    out = {}
-    for label, (flags, env) in cases.items():
-        result = sc.ditexport(*flags, timeout=120, env=env)
-        result["applications_unchanged"] = app_states() == before
-        out[label] = result
+    out: dict = {}
+
+    def attempt(label: str, flags: list[str], env: dict | None):
+        out[label] = sc.ditexport(*flags, timeout=120, env=env)
+
+    # All at once, as several users might: each is refused on its own.
+    pool = [threading.Thread(target=attempt, args=(label, flags, env)) for label, (flags, env) in cases.items()]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(timeout=180)
+    out["applications unchanged"] = app_states() == before
     out["bystander after"] = http("GET", "/bystander")[0]
     return out
 
@@ -378,7 +407,7 @@ def stops(sc: Scenario, foreground: ForegroundServe, export_dir: str) -> dict:
     out["stop detached"] = {**result, "applications": sorted(app_states()), "bystander": http("GET", "/bystander")[0],
                             "digits-config": http("GET", "/digits-config/healthz")[0]}
     out["stop someone else's"] = sc.ditexport("--stop", "--name", "bystander", "--address", f"{HOST}:{GCS_PORT}")
-    serve = str(Path(sys.executable).with_name("serve"))
+    serve = tool("serve")
     start = time.perf_counter()
     run = sc.run([serve, "run", "--address", f"{HOST}:{GCS_PORT}", "--non-blocking", "--name", "digits-run",
                   "--route-prefix", "/digits-run", "ditexport.serving:app", f"export_dir={export_dir}",
@@ -403,12 +432,19 @@ def inside(args) -> int:
     export_dir = str(Path(args.export_dir).resolve())
     foreground = None
     try:
-        report["cluster"] = start_cluster(sc)
+        sample = start_sample(sc, export_dir)
+        head_s, node_env = start_head(sc)
+        worker_started = time.perf_counter()
+        worker = start_worker(sc, node_env)
         report["config"] = deploy_config(sc, export_dir)
-        result = sc.ditexport("--address", f"{HOST}:{GCS_PORT}", "--export-dir", export_dir, "--num-replicas", "2",
-                              "--detach", timeout=300)
-        report["detached"] = {**result, "replicas_per_node": placement("digits")}
+        report["cluster"] = joined_cluster(sc, head_s, worker, worker_started)
+        # Two users deploy at once: one detached (GCS address), one in the foreground (Ray Client), autoscaled.
         start = time.perf_counter()
+        detached: dict = {}
+        thread = threading.Thread(target=lambda: detached.update(sc.ditexport(
+            "--address", f"{HOST}:{GCS_PORT}", "--export-dir", export_dir, "--num-replicas", "2", "--detach",
+            timeout=300)))
+        thread.start()
         foreground = ForegroundServe(sc, "--address", f"ray://{HOST}:{CLIENT_PORT}", "--export-dir", str(export_b),
                                      "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "2",
                                      "--upscale-delay-s", "1", "--downscale-delay-s", "6", "--look-back-period-s",
@@ -416,7 +452,9 @@ def inside(args) -> int:
         foreground.ready.wait(300)
         report["foreground"] = {"lines": foreground.lines[-3:], "seconds": round(time.perf_counter() - start, 1),
                                 "replicas_per_node": placement("digits-b")}
-        report["answers"] = answers(sc, export_dir)
+        thread.join(timeout=300)
+        report["detached"] = {**detached, "replicas_per_node": placement("digits")}
+        report["answers"] = answers(sc, sample)
         report["autoscaling"] = autoscale(args.clients, args.up_timeout, args.down_timeout)
         report["refusals"] = refusals(sc, export_dir)
         report["stops"] = stops(sc, foreground, export_dir)
@@ -426,8 +464,9 @@ def inside(args) -> int:
         if foreground is not None and foreground.process.poll() is None:
             foreground.process.kill()
         # Only this namespace's processes are visible to `ray stop` (its own /proc); its end stops the rest.
-        sc.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], 120)
-        shutil.rmtree(sc.dir, ignore_errors=True)
+        sc.run([tool("ray"), "stop", "--force"], 120)
+        if not args.keep:
+            shutil.rmtree(sc.dir, ignore_errors=True)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps(report, indent=1, default=str))
@@ -442,6 +481,7 @@ def main(argv=None) -> int:
     parser.add_argument("--up-timeout", type=float, default=90.0)
     parser.add_argument("--down-timeout", type=float, default=60.0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the scenario's directory (Ray's logs) at the end")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.inside:

@@ -110,15 +110,24 @@ def is_ditexport(app: dict) -> bool:
 def ditexport_applications() -> dict[str, str | None]:
     """Every running ditexport application on the cluster -> its route prefix."""
     return {name: app.get("route_prefix") for name, app in applications().items()
-            if is_ditexport(app) and str(getattr(app.get("status"), "value", app.get("status"))) == "RUNNING"}
+            if is_ditexport(app) and state_of(app) == "RUNNING"}
+
+
+def state_of(item: dict) -> str:
+    """An application's `status` or a replica's `state` as a plain string (Ray gives enums)."""
+    value = item.get("status", item.get("state"))
+    return str(getattr(value, "value", value))
+
+
+def replicas_of(app: dict) -> list[dict]:
+    return [r for d in app.get("deployments", {}).values() for r in d.get("replicas", [])]
 
 
 def replicas_per_node(name: str) -> dict[str, int]:
     """Running replicas of application `name` per node ("<ip> <node id prefix>")."""
-    app = applications().get(name, {})
     counts: dict[str, int] = {}
-    for replica in app.get("deployments", {}).get(DEPLOYMENT, {}).get("replicas", []):
-        if str(getattr(replica.get("state"), "value", replica.get("state"))) == "RUNNING":
+    for replica in replicas_of(applications().get(name, {})):
+        if state_of(replica) == "RUNNING":
             node = f"{replica.get('node_ip')} {str(replica.get('node_id'))[:8]}"
             counts[node] = counts.get(node, 0) + 1
     return counts
@@ -260,7 +269,7 @@ def deploy_and_wait(app, name: str, route_prefix: str, deadline: float, timeout_
 def wait_running(name: str, deadline: float, timeout_s: float, demand: dict[str, float] | None = None) -> None:
     while True:
         app = applications().get(name, {})
-        status = str(getattr(app.get("status"), "value", app.get("status")))
+        status = state_of(app) if app else None
         if status == "RUNNING":
             return
         if status == "DEPLOY_FAILED":
@@ -274,11 +283,9 @@ def wait_running(name: str, deadline: float, timeout_s: float, demand: dict[str,
 def waiting_for(app: dict, demand: dict[str, float] | None) -> str:
     """What a deployment that is not running yet waits for: its replicas' states and the cluster's free resources."""
     ray, _ = ray_serve()
-    replicas = [r for d in app.get("deployments", {}).values() for r in d.get("replicas", [])]
     states: dict[str, int] = {}
-    for replica in replicas:
-        state = str(getattr(replica.get("state"), "value", replica.get("state")))
-        states[state] = states.get(state, 0) + 1
+    for replica in replicas_of(app):
+        states[state_of(replica)] = states.get(state_of(replica), 0) + 1
     free = ray.available_resources()
     text = ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items())) or "no replica created"
     text += f"; free on the cluster now: {free.get('CPU', 0):g} CPUs, {free.get('GPU', 0):g} GPUs"
@@ -319,16 +326,17 @@ def remove_quietly(name: str, timeout_s: float = 60.0) -> None:
         app = applications().get(name)
         if app is None:
             return
+        never_started = [r["actor_name"] for r in replicas_of(app) if state_of(r) != "RUNNING"]
         serve.delete(name, _blocking=False)
-        # A replica still waiting for resources never runs its graceful shutdown, which Ray would wait out (20 s by
-        # default) before killing it: those of this application that never started are killed now.
-        for deployment in app.get("deployments", {}).values():
-            for replica in deployment.get("replicas", []):
-                if str(getattr(replica.get("state"), "value", replica.get("state"))) != "RUNNING":
-                    with contextlib.suppress(Exception):
-                        ray.kill(ray.get_actor(replica["actor_name"], namespace="serve"), no_restart=True)
+        # A replica that never started (waiting for resources) never runs its graceful shutdown, which Ray waits
+        # out (20 s by default) before killing it. Once the application is being deleted (its target is no replica;
+        # killed before, Ray would start another in its place), those of this application are killed now.
         deadline = time.perf_counter() + timeout_s
-        while name in applications() and time.perf_counter() < deadline:
+        while (app := applications().get(name)) is not None and time.perf_counter() < deadline:
+            if state_of(app) == "DELETING":
+                for actor_name in never_started:
+                    with contextlib.suppress(Exception):  # gone already
+                        ray.kill(ray.get_actor(actor_name, namespace="serve"), no_restart=True)
             time.sleep(POLL_S)
     except Exception as e:  # noqa: BLE001 - the error being raised says more
         log.warning(f"could not remove application {name!r}: {one_line(e)}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import UsageError
@@ -219,19 +219,6 @@ def settings_from_arguments(arguments: dict) -> tuple[ServeSettings, Replicas]:
     settings.check()
     replicas.check()
     return settings, replicas
-
-
-def arguments_of(settings: ServeSettings, replicas: Replicas) -> dict:
-    """The builder's arguments that give `settings` and `replicas` (those that differ from the defaults)."""
-    sources = {ServeSettings: settings, RequestLimits: settings.limits, ServiceLimits: settings.service,
-               Replicas: replicas}
-    out = {}
-    for key, (cls, name) in builder_arguments().items():
-        value = getattr(sources[cls], name)
-        declared = next(f for f in fields(cls) if f.name == name).default
-        if value != (None if declared is MISSING else declared):
-            out[key] = value
-    return out
 
 
 def _coerce(f, key: str, value):
