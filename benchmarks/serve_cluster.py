@@ -312,8 +312,10 @@ def answers(sc: Scenario, sample: subprocess.Popen) -> dict:
     return out
 
 
-def autoscale(clients: int, up_timeout: float, down_timeout: float) -> dict:
-    """Closed-loop clients on digits-b until its replicas go up, then none until they come back down."""
+def autoscale(clients: int, images: int, up_timeout: float, down_timeout: float) -> dict:
+    """Closed-loop clients of `images`-image requests on digits-b until its replicas go up, then none until they come
+    back down. With 3 clients of 4 images and a target of 4, the engines hold about 12 images (3 replicas wanted,
+    2 at most): Ray's own measure, 3 requests in flight, would want 1."""
     stop, timeline, statuses = threading.Event(), [], {}
     start = time.perf_counter()
     active = [0]
@@ -321,16 +323,18 @@ def autoscale(clients: int, up_timeout: float, down_timeout: float) -> dict:
     def client(k: int):
         i = 0
         while not stop.is_set():
-            status, _ = http("POST", "/digits-b/v1/images", {"class_labels": [k % 10], "steps": 50,
+            status, _ = http("POST", "/digits-b/v1/images", {"class_labels": [k % 10] * images, "steps": 50,
                                                                 "sampler": "ddim", "seed": 1000 * k + i}, 120)
             statuses[status] = statuses.get(status, 0) + 1
             i += 1
 
-    def replicas() -> int:
-        return sum(placement("digits-b").values())
-
     def record():
-        timeline.append((round(time.perf_counter() - start, 1), replicas(), active[0]))
+        from ditexport.serving.cluster import DEPLOYMENT, applications
+
+        deployment = applications().get("digits-b", {}).get("deployments", {}).get(DEPLOYMENT, {})
+        running = sum(placement("digits-b").values())
+        timeline.append((round(time.perf_counter() - start, 1), running, deployment.get("target_num_replicas"),
+                         active[0]))
 
     record()
     pool = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
@@ -357,7 +361,8 @@ def autoscale(clients: int, up_timeout: float, down_timeout: float) -> dict:
             break
         time.sleep(0.5)
     changes = [row for i, row in enumerate(timeline) if i == 0 or row[1:] != timeline[i - 1][1:]]
-    return {"clients": clients, "up_at_s": up_at, "idle_from_s": idle_from, "down_at_s": down_at,
+    return {"clients": clients, "images_per_request": images, "columns": ["s", "running", "target", "clients"],
+            "up_at_s": up_at, "idle_from_s": idle_from, "down_at_s": down_at,
             "statuses": {str(k): v for k, v in statuses.items()}, "changes": changes, "samples": len(timeline)}
 
 
@@ -446,7 +451,7 @@ def inside(args) -> int:
             timeout=300)))
         thread.start()
         foreground = ForegroundServe(sc, "--address", f"ray://{HOST}:{CLIENT_PORT}", "--export-dir", str(export_b),
-                                     "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "2",
+                                     "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "4",
                                      "--upscale-delay-s", "1", "--downscale-delay-s", "6", "--look-back-period-s",
                                      "2")
         foreground.ready.wait(300)
@@ -455,7 +460,7 @@ def inside(args) -> int:
         thread.join(timeout=300)
         report["detached"] = {**detached, "replicas_per_node": placement("digits")}
         report["answers"] = answers(sc, sample)
-        report["autoscaling"] = autoscale(args.clients, args.up_timeout, args.down_timeout)
+        report["autoscaling"] = autoscale(args.clients, args.images, args.up_timeout, args.down_timeout)
         report["refusals"] = refusals(sc, export_dir)
         report["stops"] = stops(sc, foreground, export_dir)
         foreground = None
@@ -477,7 +482,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--export-dir", default="exports/digits")
-    parser.add_argument("--clients", type=int, default=6, help="closed-loop clients of the autoscaling ramp")
+    parser.add_argument("--clients", type=int, default=3, help="closed-loop clients of the autoscaling ramp")
+    parser.add_argument("--images", type=int, default=4, help="images per request of the autoscaling ramp")
     parser.add_argument("--up-timeout", type=float, default=90.0)
     parser.add_argument("--down-timeout", type=float, default=60.0)
     parser.add_argument("--json", default=None)

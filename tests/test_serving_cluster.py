@@ -53,7 +53,8 @@ def test_serve_address_deploys_named_applications_with_replicas_on_both_nodes(cl
     assert "--stop --name digits --address 127.0.0.1:6379" in detached["stdout"][-1]
     ready = foreground["lines"][-1]
     assert "application 'digits-b' at http://127.0.0.1:8000/digits-b" in ready and "ray://127.0.0.1:10001" in ready
-    assert "1-2 replicas (autoscaled" in ready and sum(foreground["replicas_per_node"].values()) == 1
+    assert "1-2 replicas (autoscaled, target 4 images waiting or running per replica)" in ready
+    assert sum(foreground["replicas_per_node"].values()) == 1
 
 
 @pytest.mark.slow
@@ -87,6 +88,9 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(cluster)
     scaling = cluster["autoscaling"]
     assert scaling["up_at_s"] is not None and scaling["down_at_s"] is not None, scaling
     assert scaling["down_at_s"] > scaling["idle_from_s"] >= scaling["up_at_s"], scaling
+    # Measured on the engines' images: 3 clients of 4-image requests hold about 12 (target 4 per replica), where
+    # Ray's own measure (3 requests in flight, target 4) would never have asked for a second replica.
+    assert (scaling["clients"], scaling["images_per_request"]) == (3, 4)
     replicas = [row[1] for row in scaling["changes"]]
     assert replicas[0] == 1 and max(replicas) == 2 and replicas[-1] == 1, scaling
     assert set(scaling["statuses"]) == {"200"}, scaling  # no request lost while replicas came and went

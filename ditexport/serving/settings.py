@@ -174,8 +174,9 @@ class ClusterLimits:
     """How long `serve --address` may take to join a cluster and to have its application answer there; past either
     it removes what it deployed and exits 2, instead of waiting on a deployment that stays pending."""
     connect_timeout_s: float = limit(15.0, "seconds to reach and join the Ray cluster at --address")
-    deploy_timeout_s: float = limit(180.0, "seconds the application may take to answer (its replicas scheduled, "
-                                           "their backends opened); then it is removed and serve exits 2")
+    deploy_timeout_s: float = limit(180.0, "seconds from joining the cluster until the application answers (the "
+                                           "checks, its replicas scheduled, their backends opened); then it is "
+                                           "removed and serve exits 2")
 
 
 def default_app_name(export_dir: str | Path) -> str:
