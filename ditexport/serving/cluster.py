@@ -323,20 +323,21 @@ def remove_quietly(name: str, timeout_s: float = 60.0) -> None:
     """Removes application `name` (a deployment of ours that failed) if it exists, whatever its state."""
     ray, serve = ray_serve()
     try:
-        app = applications().get(name)
-        if app is None:
+        if name not in applications():
             return
-        never_started = [r["actor_name"] for r in replicas_of(app) if state_of(r) != "RUNNING"]
         serve.delete(name, _blocking=False)
         # A replica that never started (waiting for resources) never runs its graceful shutdown, which Ray waits
         # out (20 s by default) before killing it. Once the application is being deleted (its target is no replica;
-        # killed before, Ray would start another in its place), those of this application are killed now.
+        # killed before, Ray would start others in their place), its replica actors are killed now: every one,
+        # those Ray started after the deadline included (a failed deployment has no requests to finish).
+        prefix = f"SERVE_REPLICA::{name}#{DEPLOYMENT}#"  # Ray Serve's name of a replica actor
         deadline = time.perf_counter() + timeout_s
         while (app := applications().get(name)) is not None and time.perf_counter() < deadline:
             if state_of(app) == "DELETING":
-                for actor_name in never_started:
-                    with contextlib.suppress(Exception):  # gone already
-                        ray.kill(ray.get_actor(actor_name, namespace="serve"), no_restart=True)
+                for actor in ray.util.list_named_actors(all_namespaces=True):
+                    if actor["name"].startswith(prefix):
+                        with contextlib.suppress(Exception):  # gone already
+                            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
             time.sleep(POLL_S)
     except Exception as e:  # noqa: BLE001 - the error being raised says more
         log.warning(f"could not remove application {name!r}: {one_line(e)}")
