@@ -298,8 +298,8 @@ def answers(sc: Scenario, sample: subprocess.Popen) -> dict:
     status, answer = http("POST", "/digits/v1/images", {**BODY, "model": "nope"})
     out["unknown model"] = {"status": status, "field": answer.get("field") if isinstance(answer, dict) else None}
     status, models = http("GET", "/digits-b/v1/models")
-    out["models"] = {"status": status, "listed": sorted((m["application"], m["route_prefix"])
-                                                        for m in models.get("models", []))
+    out["models"] = {"status": status, "listed": [(m["application"], m["route_prefix"])  # this URL's model first
+                                                  for m in models.get("models", [])]
                      if isinstance(models, dict) else models}
     status, schema = http("GET", "/digits/openapi.json")
     request = schema["paths"]["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["schema"] \
@@ -420,7 +420,7 @@ def stops(sc: Scenario, foreground: ForegroundServe, export_dir: str) -> dict:
     run_s = round(time.perf_counter() - start, 1)
     status, models = http("GET", "/digits-run/v1/models")
     image_status, _ = http("POST", "/digits-run/v1/images", BODY)
-    listed = sorted(m["application"] for m in models.get("models", [])) if isinstance(models, dict) else models
+    listed = [m["application"] for m in models.get("models", [])] if isinstance(models, dict) else models
     removed = sc.ditexport("--stop", "--name", "digits-run", "--address", f"{HOST}:{GCS_PORT}")
     out["serve run"] = {"code": run.returncode, "seconds": run_s, "models": listed, "image": image_status,
                         "error": run.stderr[-800:] if run.returncode else None, "stop": removed["code"]}

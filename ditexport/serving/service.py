@@ -144,18 +144,17 @@ def build_app(settings: ServeSettings, replicas: Replicas | None = None):
             return await self.api.images(chunks(), str(len(body)), request_id, routed=True)
 
         async def served_models(self) -> list[dict]:
+            """This application's model first (a client of this URL, such as the demo, takes the first), then
+            every other ditexport application's on the cluster."""
             apps = await asyncio.to_thread(ditexport_applications)
-            apps.setdefault(self.name, None)  # listed while it deploys too
-            out = []
+            prefix = apps.pop(self.name, None)
+            out = [{**self.info, "route_prefix": prefix}]
             for name, prefix in sorted(apps.items()):
-                if name == self.name:
-                    info = self.info
-                else:
-                    try:
-                        handle = await asyncio.to_thread(serve.get_app_handle, name)
-                        info = await asyncio.wait_for(handle.describe.remote(), DESCRIBE_TIMEOUT_S)
-                    except Exception:  # noqa: BLE001 - an application being removed or restarted is left out
-                        continue
+                try:
+                    handle = await asyncio.to_thread(serve.get_app_handle, name)
+                    info = await asyncio.wait_for(handle.describe.remote(), DESCRIBE_TIMEOUT_S)
+                except Exception:  # noqa: BLE001 - an application being removed or restarted is left out
+                    continue
                 out.append({**info, "route_prefix": prefix})
             return out
 
