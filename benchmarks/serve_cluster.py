@@ -16,11 +16,12 @@ started in it ends too). Writes {"skipped": reason} where namespaces are not all
 4. answers: GET /v1/models lists every ditexport application; images from each application, and through another
    one by `model`, equal `sample`'s pixels; the OpenAPI schema's defaults;
 5. autoscaling: a load ramp on `digits-b` (replicas go up) then idle (they come back down), a timeline;
-6. refusals: unreachable address, no GPU, too many replicas, a name taken, an export missing on the nodes,
-   resources that never free up (--deploy-timeout-s), no token: each exit 2, one line, in bounded time, with
-   the cluster's applications unchanged;
-7. stop: SIGTERM to the foreground `serve` (exit 0, only its application removed), `serve --stop` of the detached
-   one, `serve run ditexport.serving:app ... --non-blocking` and its `--stop`; `bystander` answers throughout.
+6. refusals, meanwhile: no GPU, too many replicas, a name taken, an export missing on the nodes, resources that
+   never free up (--deploy-timeout-s), no token: each exit 2, one line, in bounded time, with the cluster's
+   applications unchanged (an unreachable address needs no cluster: tests/test_serving_builder.py);
+7. stop: SIGTERM to the foreground `serve` (exit 0, only its application removed), `serve run
+   ditexport.serving:app ... --non-blocking`, `serve --stop` of the detached one and of the `serve run` one, and
+   of someone else's (refused); `bystander` answers throughout.
 Prints a report; `--json` writes every number.
 """
 from __future__ import annotations
@@ -368,10 +369,9 @@ def autoscale(clients: int, images: int, up_timeout: float, down_timeout: float)
 
 def refusals(sc: Scenario, export_dir: str) -> dict:
     address = f"{HOST}:{GCS_PORT}"
-    before = app_states()
+    before = sorted(app_states())
     no_token = {k: v for k, v in sc.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     cases = {
-        "unreachable address": (["--address", f"{HOST}:1", "--export-dir", export_dir], None),
         "no GPU for a CUDA backend": (["--address", address, "--export-dir", export_dir, "--backend", "tensorrt",
                                        "--precision", "fp16", "--name", "gpu"], None),
         "more replicas than CPUs": (["--address", address, "--export-dir", export_dir, "--num-replicas", "9",
@@ -397,33 +397,54 @@ def refusals(sc: Scenario, export_dir: str) -> dict:
         thread.start()
     for thread in pool:
         thread.join(timeout=180)
-    out["applications unchanged"] = app_states() == before
+    out["applications unchanged"] = sorted(app_states()) == before
     out["bystander after"] = http("GET", "/bystander")[0]
     return out
 
 
+def in_parallel(**jobs) -> dict:
+    """Runs each callable on its own thread at once; their results by name."""
+    results: dict = {}
+    threads = [threading.Thread(target=lambda k=k, job=job: results.update({k: job()})) for k, job in jobs.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return results
+
+
 def stops(sc: Scenario, foreground: ForegroundServe, export_dir: str) -> dict:
-    out: dict = {}
-    code, seconds = foreground.stop()
-    out["sigterm"] = {"code": code, "seconds": seconds, "last_line": foreground.lines[-1] if foreground.lines else "",
-                      "applications": sorted(app_states()), "bystander": http("GET", "/bystander")[0],
-                      "digits": http("GET", "/digits/healthz")[0]}
-    result = sc.ditexport("--stop", "--name", "digits", "--address", f"{HOST}:{GCS_PORT}")
-    out["stop detached"] = {**result, "applications": sorted(app_states()), "bystander": http("GET", "/bystander")[0],
-                            "digits-config": http("GET", "/digits-config/healthz")[0]}
-    out["stop someone else's"] = sc.ditexport("--stop", "--name", "bystander", "--address", f"{HOST}:{GCS_PORT}")
-    serve = tool("serve")
-    start = time.perf_counter()
-    run = sc.run([serve, "run", "--address", f"{HOST}:{GCS_PORT}", "--non-blocking", "--name", "digits-run",
-                  "--route-prefix", "/digits-run", "ditexport.serving:app", f"export_dir={export_dir}",
-                  "torch_threads=1"], 240)
-    run_s = round(time.perf_counter() - start, 1)
+    """SIGTERM to the foreground `serve`, an attempt to `--stop` someone else's application and `serve run` of the
+    builder at once; then `--stop` of the detached application and of the `serve run` one at once."""
+    address = f"{HOST}:{GCS_PORT}"
+
+    def sigterm():
+        code, seconds = foreground.stop()
+        return {"code": code, "seconds": seconds, "last_line": foreground.lines[-1] if foreground.lines else ""}
+
+    def serve_run():
+        start = time.perf_counter()
+        run = sc.run([tool("serve"), "run", "--address", address, "--non-blocking", "--name", "digits-run",
+                      "--route-prefix", "/digits-run", "ditexport.serving:app", f"export_dir={export_dir}",
+                      "torch_threads=1"], 240)
+        return {"code": run.returncode, "seconds": round(time.perf_counter() - start, 1),
+                "error": run.stderr[-800:] if run.returncode else None}
+
+    first = in_parallel(sigterm=sigterm, serve_run=serve_run,
+                        refused=lambda: sc.ditexport("--stop", "--name", "bystander", "--address", address))
+    out: dict = {"sigterm": {**first["sigterm"], "applications": sorted(app_states()),
+                             "bystander": http("GET", "/bystander")[0], "digits": http("GET", "/digits/healthz")[0]},
+                 "stop someone else's": first["refused"]}
     status, models = http("GET", "/digits-run/v1/models")
-    image_status, _ = http("POST", "/digits-run/v1/images", BODY)
     listed = [m["application"] for m in models.get("models", [])] if isinstance(models, dict) else models
-    removed = sc.ditexport("--stop", "--name", "digits-run", "--address", f"{HOST}:{GCS_PORT}")
-    out["serve run"] = {"code": run.returncode, "seconds": run_s, "models": listed, "image": image_status,
-                        "error": run.stderr[-800:] if run.returncode else None, "stop": removed["code"]}
+    out["serve run"] = {**first["serve_run"], "models": listed, "image": http("POST", "/digits-run/v1/images",
+                                                                              BODY)[0]}
+    second = in_parallel(detached=lambda: sc.ditexport("--stop", "--name", "digits", "--address", address),
+                         run=lambda: sc.ditexport("--stop", "--name", "digits-run", "--address", address))
+    out["stop detached"] = {**second["detached"], "applications": sorted(app_states()),
+                            "bystander": http("GET", "/bystander")[0],
+                            "digits-config": http("GET", "/digits-config/healthz")[0]}
+    out["serve run"]["stop"] = second["run"]["code"]
     out["final"] = {"applications": sorted(app_states()), "bystander": http("GET", "/bystander")}
     return out
 
@@ -460,8 +481,13 @@ def inside(args) -> int:
         thread.join(timeout=300)
         report["detached"] = {**detached, "replicas_per_node": placement("digits")}
         report["answers"] = answers(sc, sample)
+        # Meanwhile other users try what cannot work: each is refused on its own, the load scales digits-b.
+        refused: dict = {}
+        attempts = threading.Thread(target=lambda: refused.update(refusals(sc, export_dir)))
+        attempts.start()
         report["autoscaling"] = autoscale(args.clients, args.images, args.up_timeout, args.down_timeout)
-        report["refusals"] = refusals(sc, export_dir)
+        attempts.join(timeout=300)
+        report["refusals"] = refused
         report["stops"] = stops(sc, foreground, export_dir)
         foreground = None
     finally:

@@ -99,7 +99,6 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(cluster)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case,words", [
-    ("unreachable address", "cannot reach the Ray cluster at 127.0.0.1:1"),
     ("no GPU for a CUDA backend", "has no GPU"),
     ("more replicas than CPUs", "holds 6 replica(s) of 1 CPU each"),
     ("a name someone else deployed", "an application named 'bystander' is already deployed"),
@@ -119,7 +118,8 @@ def test_stopping_removes_exactly_our_application(cluster):
     stops = cluster["stops"]
     sigterm = stops["sigterm"]
     assert sigterm["code"] == 0 and sigterm["last_line"].startswith("removed application 'digits-b'"), sigterm
-    assert sigterm["applications"] == ["bystander", "digits", "digits-config"]
+    assert "digits-b" not in sigterm["applications"]  # `serve run`'s digits-run may be there meanwhile
+    assert {"bystander", "digits", "digits-config"} <= set(sigterm["applications"])
     assert sigterm["bystander"] == sigterm["digits"] == 200
     detached = stops["stop detached"]
     assert detached["code"] == 0 and detached["applications"] == ["bystander", "digits-config"], detached
