@@ -133,4 +133,4 @@ def test_stopping_removes_exactly_our_application(cluster):
 def test_serve_run_names_the_application_builder(cluster):
     run = cluster["stops"]["serve run"]
     assert run["code"] == 0 and run["image"] == 200 and run["stop"] == 0, run
-    assert run["models"] == ["digits-run", "digits-config"]
+    assert run["models"] == ["digits-run", "digits", "digits-config"]  # its own first, then the others
