@@ -82,8 +82,8 @@ def join(address: str, timeout_s: float) -> None:
     thread.join(timeout_s)
     if not outcome:
         raise ClusterError(f"the Ray cluster at {address} did not let this process join within {timeout_s:g} s "
-                           "(--connect-timeout-s); if it uses token authentication, set RAY_AUTH_TOKEN or "
-                           "RAY_AUTH_TOKEN_PATH (docs/serve.md)")
+                           "(--connect-timeout-s); if it uses token authentication, set RAY_AUTH_MODE=token and "
+                           "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (docs/serve.md)")
     if outcome[0] is not None:
         raise ClusterError(f"cannot join the Ray cluster at {address}: {one_line(outcome[0])}")
 

@@ -75,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.address:
         return serve_on_cluster(args, settings, replicas, what)
-    seconds = deploy(settings, replicas, args.port, args.host, args.name)
+    seconds = deploy(settings, replicas, args.port, args.host, args.name, args.deploy_timeout_s)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"serving {what} on http://{args.host}:{args.port} with {describe_replicas(replicas, settings.service)}; ready in "
           f"{seconds:.1f} s; Ctrl-C stops", flush=True)
