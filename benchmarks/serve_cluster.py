@@ -116,7 +116,7 @@ class Scenario:
         # What a user of a cluster with token authentication sets, for `ray start` and for every client.
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token), HOME=str(self.dir / "home"),
                         RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(self.dir / "apps"))
-        self.report: dict = {"steps": {}}
+        self.report: dict = {}
         self.started = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -403,9 +403,16 @@ def refusals(sc: Scenario, export_dir: str) -> dict:
 
 
 def in_parallel(**jobs) -> dict:
-    """Runs each callable on its own thread at once; their results by name."""
+    """Runs each callable on its own thread at once; their results by name ({"error": ...} for one that raised)."""
     results: dict = {}
-    threads = [threading.Thread(target=lambda k=k, job=job: results.update({k: job()})) for k, job in jobs.items()]
+
+    def run(name, job):
+        try:
+            results[name] = job()
+        except Exception as e:  # noqa: BLE001 - recorded: the report says which step failed and how
+            results[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+
+    threads = [threading.Thread(target=run, args=(name, job)) for name, job in jobs.items()]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -490,10 +497,17 @@ def inside(args) -> int:
         report["refusals"] = refused
         report["stops"] = stops(sc, foreground, export_dir)
         foreground = None
+    except Exception as e:  # recorded, so that the report says where it stopped; the tests then fail on it
+        report["error"] = f"{type(e).__name__}: {e}"[:2000]
+        raise
     finally:
         report["total_s"] = sc.elapsed()
         if foreground is not None and foreground.process.poll() is None:
             foreground.process.kill()
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # this script's own connection, before its cluster goes (else Ray waits 60 s for it)
         # Only this namespace's processes are visible to `ray stop` (its own /proc); its end stops the rest.
         sc.run([tool("ray"), "stop", "--force"], 120)
         if not args.keep:
