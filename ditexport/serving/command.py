@@ -7,8 +7,9 @@ import threading
 from dataclasses import fields
 
 from ..errors import UsageError
+from .settings import ClusterLimits, Replicas, builder_arguments
 from ..limits import RequestLimits, add_limit_arguments
-from .settings import BACKENDS, PRECISIONS, ClusterLimits, Replicas, ServeSettings, ServiceLimits, builder_arguments
+from .settings import ServeSettings, ServiceLimits
 
 
 def add_serve_parser(sub, positive_int, add_threads_argument) -> None:
@@ -18,8 +19,8 @@ def add_serve_parser(sub, positive_int, add_threads_argument) -> None:
                                    "Ray on loopback, or as one named application on an existing Ray cluster "
                                    "(--address).")
     p.add_argument("--export-dir", default=None, help="the validated export to serve (required, but with --stop)")
-    p.add_argument("--backend", choices=BACKENDS, default=ServeSettings.backend)
-    p.add_argument("--precision", choices=PRECISIONS, default=ServeSettings.precision)
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default=ServeSettings.backend)
+    p.add_argument("--precision", choices=("fp32", "fp16"), default=ServeSettings.precision)
     p.add_argument("--device", default=ServeSettings.device, help="torch backend: cpu or cuda (default: cpu)")
     p.add_argument("--max-batch", type=positive_int, default=None, help="split forwards above this batch")
     p.add_argument("--port", type=positive_int, default=8000, help="HTTP port (default: 8000; on a cluster, only "

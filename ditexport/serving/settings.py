@@ -40,7 +40,6 @@ class ServiceLimits:
 
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
 MODES = ("continuous", "request-batch", "single")
 
 
@@ -63,8 +62,9 @@ class ServeSettings:
     service: ServiceLimits = field(default_factory=ServiceLimits)
 
     def check(self) -> None:
-        """Refuses a backend, precision or mode the service does not have, naming the field."""
-        for name, allowed in (("backend", BACKENDS), ("precision", PRECISIONS), ("mode", MODES)):
+        """Refuses a backend or mode the service does not have, naming the field (a precision the export lacks is
+        refused by the replica that opens it, naming what to build)."""
+        for name, allowed in (("backend", BACKENDS), ("mode", MODES)):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}", name)
 
