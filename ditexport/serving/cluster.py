@@ -156,7 +156,7 @@ def check_name_and_route(name: str, route_prefix: str, replace: bool, address: s
 
 def replica_demand(settings: ServeSettings, replicas: Replicas) -> dict[str, float]:
     """The Ray resources of one replica."""
-    return {"CPU": replicas.cpus(settings.threads), "GPU": 1.0 if settings.on_gpu else 0.0}
+    return {"CPU": replicas.cpus_per_replica, "GPU": 1.0 if settings.on_gpu else 0.0}
 
 
 def hosting_nodes(settings: ServeSettings, replicas: Replicas) -> list[dict]:

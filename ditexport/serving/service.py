@@ -44,7 +44,7 @@ def build_app(settings: ServeSettings, replicas: Replicas | None = None):
                   description="Every model served on this Ray cluster is listed by GET /v1/models; a request names "
                               "one with `model` (default: this application's).")
     options = {"ray_actor_options": {"num_gpus": 1 if settings.on_gpu else 0,
-                                     "num_cpus": replicas.cpus(settings.threads)},
+                                     "num_cpus": replicas.cpus_per_replica},
                # The engine's own bound (which answers 503 at once) plus headroom, so /healthz never waits behind
                # image work; max_queued_requests: the bound of Ray's proxy ahead of the replicas.
                "max_ongoing_requests": settings.service.capacity(1) + HEADROOM,

@@ -128,7 +128,10 @@ class Replicas:
                                                   "replicas are removed (default: Ray Serve's)")
     look_back_period_s: float | None = limit(None, "autoscale: seconds the load is averaged over (default: Ray "
                                                    "Serve's)")
-    cpus_per_replica: float | None = limit(None, "CPUs Ray reserves for each replica (default: its CPU threads)")
+    # Ray Serve's own default is 1 CPU per replica. Reserving the replica's threads instead would let a GPU node with
+    # many cores and GPUs hold only a few replicas (a DiT-XL/2 replica's default threads are the cores less one).
+    cpus_per_replica: float = limit(1.0, "CPUs Ray reserves for each replica: the cluster must have that many per "
+                                         "replica; give its --torch-threads on CPU-only clusters")
 
     @property
     def autoscaled(self) -> bool:
@@ -164,9 +167,6 @@ class Replicas:
                 config[name] = getattr(self, name)
         return config
 
-    def cpus(self, threads: int | None) -> float:
-        """CPUs Ray reserves for a replica: --cpus-per-replica, else its threads (1 where the replica decides)."""
-        return self.cpus_per_replica if self.cpus_per_replica is not None else float(threads or 1)
 
 
 @dataclass(frozen=True)
