@@ -55,7 +55,7 @@ def add_limit_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if "help" not in f.metadata:
             continue
         default = None if f.default is MISSING else f.default
-        kind = float if isinstance(default, float) else int
+        kind = float if isinstance(default, float) or "float" in str(f.type) else int
         parser.add_argument(flag_name(f.name), type=positive(kind), default=default, metavar="N",
                             help=f"{f.metadata['help']}" + ("" if default is None else f" (default: {default})"))
 

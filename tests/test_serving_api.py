@@ -193,3 +193,33 @@ def test_served_class_names_follow_the_model_not_the_directory():
     """A digits export built into a directory not named `digits` accepts the digit names it advertises."""
     manifest = {"name": "my-export", "model": "digits", "config": {"num_classes": 10}}
     assert served_class_names(manifest, 10) == DIGITS
+
+
+def test_a_request_naming_another_model_is_answered_by_its_application(backend):
+    """`model` names an application (GET /v1/models): this one's runs here, another's goes to `route` with the raw
+    body (on a cluster: that application's replica, through Ray), none at all is a 400 naming the field."""
+    engine = BatchingEngine(backend, max_queue=4, max_running_images=4)
+    engine.start()
+    routed = []
+
+    async def route(model, body, request_id):
+        routed.append((model, body, request_id))
+        return 200, {"images": [], "model": model}, {}
+
+    try:
+        api = ImageAPI(engine, DIGITS, RequestLimits(), ServiceLimits(), body_limit=4096, model="digits",
+                       route=route)
+        status, ok, _ = answer(api, b'{"class_labels": [3], "steps": 2, "model": "digits"}', None, "r1")
+        assert status == 200 and ok["model"] == "digits" and len(ok["images"]) == 1 and not routed
+        body = b'{"class_labels": ["a class only the other model has"], "model": "imagenet"}'
+        status, other, _ = answer(api, body, None, "r2")
+        assert (status, other["model"]) == (200, "imagenet") and routed == [("imagenet", body, "r2")]
+        status, refused, _ = asyncio.run(api.images(chunks_of(body), None, "r3", routed=True))  # no second hop
+        assert status == 400 and refused["field"] == "model" and len(routed) == 1
+        status, refused, _ = answer(api, b'{"class_labels": [3], "model": 7}')
+        assert status == 400 and refused["field"] == "model"
+        alone = ImageAPI(engine, DIGITS, RequestLimits(), ServiceLimits(), body_limit=4096, model="digits")
+        status, refused, _ = answer(alone, b'{"class_labels": [3], "model": "imagenet"}')
+        assert status == 400 and refused["field"] == "model" and "serves 'digits'" in refused["error"]
+    finally:
+        engine.stop()

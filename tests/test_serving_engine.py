@@ -66,9 +66,13 @@ def test_each_request_equals_its_lone_sample_whatever_it_is_batched_with(backend
 
 def test_threaded_engine_cancels_and_bounds_its_queue(backend):
     engine = BatchingEngine(backend, max_queue=2)
-    first, second = engine.submit(make_request([1], 1, dict(num_steps=50))), engine.submit(make_request([2], 2, {}))
+    first = engine.submit(make_request([1], 1, dict(num_steps=50)))
+    second = engine.submit(make_request([2, 5, 7], 2, {}))
     with pytest.raises(QueueFullError) as full:
         engine.submit(make_request([3], 3, {}))
+    assert engine.load_images() == 4  # what the autoscaler's target is measured on: images waiting (and running)
+    engine.step()
+    assert engine.load_images() == 4 and engine.running_images == 4 and engine.queue_depth == 0
     assert full.value.retry_after_s >= 1
     assert second.cancel()  # a client that left: its slot is freed at the next step boundary
     engine.start()

@@ -25,7 +25,7 @@ from .settings import ServiceLimits
 
 log = logging.getLogger("ditexport.serving")
 
-FIELDS = {"class_labels", "steps", "sampler", "guidance_scale", "seed", "eta"}
+FIELDS = {"class_labels", "steps", "sampler", "guidance_scale", "seed", "eta", "model"}
 # The defaults of `python -m ditexport sample`, read from the sampler's dataclass.
 DEFAULTS = {"steps": SamplerConfig.num_steps, "sampler": SamplerConfig.method,
             "guidance_scale": SamplerConfig.guidance_scale, "seed": 0, "eta": SamplerConfig.eta}
@@ -50,10 +50,8 @@ def _parse_int(text: str):
     return int(text) if len(text) <= MAX_INT_DIGITS else float(text)
 
 
-def parse_image_request(body: bytes, num_classes: int, names: list[str],
-                        limits: RequestLimits | None = None) -> ImageRequest:
-    """A POST /v1/images body -> ImageRequest; anything wrong is a RequestError naming its field."""
-    limits = limits or RequestLimits()
+def decode_body(body: bytes) -> dict:
+    """A POST /v1/images body as a JSON object (nesting checked before it is parsed), or a RequestError."""
     check_depth(body)
     try:
         data = json.loads(body, parse_constant=float, parse_int=_parse_int)
@@ -61,6 +59,27 @@ def parse_image_request(body: bytes, num_classes: int, names: list[str],
         raise RequestError("body", f"the body is not JSON: {e}") from None
     if not isinstance(data, dict):
         raise RequestError("body", "the body must be a JSON object")
+    return data
+
+
+def requested_model(data: dict) -> str | None:
+    """The request's `model` (an application as GET /v1/models lists it), None where it names none."""
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("model", f"model must be a string naming a served model, got {_shown(model)}")
+    return model
+
+
+def parse_image_request(body: bytes, num_classes: int, names: list[str],
+                        limits: RequestLimits | None = None) -> ImageRequest:
+    """A POST /v1/images body -> ImageRequest; anything wrong is a RequestError naming its field."""
+    return image_request(decode_body(body), num_classes, names, limits)
+
+
+def image_request(data: dict, num_classes: int, names: list[str],
+                  limits: RequestLimits | None = None) -> ImageRequest:
+    """A decoded request body -> ImageRequest, checked field by field (`model` is the router's, not checked here)."""
+    limits = limits or RequestLimits()
     unknown = sorted(set(data) - FIELDS)
     if unknown:
         raise RequestError(unknown[0], f"unknown field {str(unknown[0])[:40]!r}; fields: {', '.join(sorted(FIELDS))}")
@@ -72,7 +91,7 @@ def parse_image_request(body: bytes, num_classes: int, names: list[str],
     if not 1 <= len(labels) <= limits.max_images:  # before any label is looked at
         raise RequestError("class_labels", f"number of class labels must be between 1 and {limits.max_images} "
                                            f"on this server, got {len(labels)}")
-    values = {**DEFAULTS, **{k: v for k, v in data.items() if k != "class_labels"}}
+    values = {**DEFAULTS, **{k: v for k, v in data.items() if k not in ("class_labels", "model")}}
     for name in ("steps", "seed"):
         if not isinstance(values[name], int) or isinstance(values[name], bool):
             raise RequestError(name, f"{name} must be an integer, got {_shown(values[name])}")
@@ -128,13 +147,14 @@ def served_class_names(manifest: dict, num_classes: int) -> list[str]:
 
 
 def model_info(export_dir: str | Path, backend) -> dict:
-    """GET /v1/models: the served export, its model, config, backend, precision, CPU threads and validation."""
+    """A served export's entry of GET /v1/models: its name, model, config, backend, precision, CPU threads,
+    validation and class names."""
     manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
     cfg = backend.config
-    return {"models": [{"name": manifest.get("name"), "model": manifest.get("model"), "export_dir": str(export_dir),
-                        "config": manifest.get("config"), "backend": backend.name, "precision": backend.precision,
-                        "threads": torch.get_num_threads(), "validation": manifest.get("validation"),
-                        "class_names": served_class_names(manifest, cfg.num_classes)[:100]}]}
+    return {"name": manifest.get("name"), "model": manifest.get("model"), "export_dir": str(export_dir),
+            "config": manifest.get("config"), "backend": backend.name, "precision": backend.precision,
+            "threads": torch.get_num_threads(), "validation": manifest.get("validation"),
+            "class_names": served_class_names(manifest, cfg.num_classes)[:100]}
 
 
 def error(status: int, message: str, field: str | None = None, request_id: str | None = None,
@@ -158,11 +178,15 @@ def request_id_of(header: str | None) -> str:
 class ImageAPI:
     """POST /v1/images over one engine: body limit, parsing, admission, the request timeout, the answer."""
 
-    def __init__(self, engine, names: list[str], limits: RequestLimits, service: ServiceLimits, body_limit: int):
+    def __init__(self, engine, names: list[str], limits: RequestLimits, service: ServiceLimits, body_limit: int,
+                 model: str | None = None, route=None):
         self.engine, self.names, self.limits, self.service = engine, names, limits, service
         self.body_limit = body_limit
         self.num_classes = engine.config.num_classes
         self.on_submitted = None  # an async callable awaited with each admitted request's Future (a baseline mode)
+        # This server's model name (its application), and an async callable (model, body, request id) -> the answer
+        # of the application serving another model, for requests that name one (a RequestError if none does).
+        self.model, self.route = model, route
 
     async def read_body(self, chunks: AsyncIterator[bytes], content_length: str | None) -> bytes:
         """The body, refused (413) as soon as it is known to exceed the limit: by its Content-Length before a
@@ -180,20 +204,28 @@ class ImageAPI:
         return bytes(body)
 
     async def images(self, chunks: AsyncIterator[bytes], content_length: str | None = None,
-                     request_id: str | None = None) -> tuple[int, dict, dict]:
+                     request_id: str | None = None, routed: bool = False) -> tuple[int, dict, dict]:
         """(status, JSON, headers): 200 with images; 400 naming the field; 413; 503 + Retry-After when the queue
-        is full or the request ran past its timeout; 500 (logged with its request id) for a real fault."""
+        is full or the request ran past its timeout; 500 (logged with its request id) for a real fault. A request
+        naming another model is answered by that model's server (`route`), unless it was `routed` here already."""
         request_id = request_id or uuid.uuid4().hex
         start = time.perf_counter()
         future = None
         try:
             body = await self.read_body(chunks, content_length)
-            request = parse_image_request(body, self.num_classes, self.names, self.limits)
+            data = decode_body(body)
+            model = requested_model(data)
+            if model is not None and model != self.model:
+                if routed or self.route is None:
+                    raise RequestError("model", f"unknown model {_shown(model)}: this server serves {self.model!r}")
+                return await self.route(model, body, request_id)
+            request = image_request(data, self.num_classes, self.names, self.limits)
             future = self.engine.submit(request)
             timeout = max(0.0, self.service.request_timeout_s - (time.perf_counter() - start))
             result = await asyncio.wait_for(self._result(future), timeout)
             cfg = request.sampler_cfg
-            return 200, {"images": png_base64(result.images), "seed": request.seed, "steps": result.steps,
+            return 200, {"images": png_base64(result.images), "model": self.model, "seed": request.seed,
+                         "steps": result.steps,
                          "sampler": cfg.method, "guidance_scale": cfg.guidance_scale,
                          "class_labels": request.labels, "request_id": request_id,
                          "timings": {k: round(v, 4) for k, v in result.timings.items()}}, {}

@@ -178,6 +178,11 @@ class BatchingEngine:
     def running_images(self) -> int:
         return sum(len(r.request.labels) for r in self._running)
 
+    def load_images(self) -> int:
+        """Images waiting or running: what the autoscaler's target per replica is measured on."""
+        with self._lock:
+            return sum(len(request.labels) for request, _, _ in self._waiting) + self.running_images
+
     def stats(self) -> dict:
         """Counters since the start: steps, rows forwarded, seconds in forwards and in whole steps; the drain rate."""
         return {"queue_depth": self.queue_depth, "running_images": self.running_images, "steps_run": self.steps_run,

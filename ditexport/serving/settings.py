@@ -1,11 +1,15 @@
-"""What a replica serves and every bound of the service, declared once: `serve`'s flags, the HTTP front and the
-Ray deployment read these fields. No Ray in here."""
+"""What a replica serves, how many replicas serve it and every bound of the service, declared once: `serve`'s
+flags, the application builder's arguments (`serve run ditexport.serving:app key=value`, a config file's `args:`),
+the HTTP front and the Ray deployment read these fields. No Ray in here."""
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
+from ..errors import UsageError
 from ..limits import RequestLimits, limit
 
 
@@ -35,6 +39,10 @@ class ServiceLimits:
         return num_replicas * (self.max_queue + self.max_running_images)
 
 
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+MODES = ("continuous", "request-batch", "single")
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """What one replica serves and how much it holds."""
@@ -43,13 +51,27 @@ class ServeSettings:
     precision: str = "fp32"
     device: str = "cpu"
     max_batch: int | None = None
-    threads: int = 1  # CPU threads of torch and ONNX Runtime in each replica (Ray's workers would take 1)
+    # CPU threads of torch and ONNX Runtime in each replica (Ray's workers would take 1); None: the default for the
+    # model's width (`threads.default_threads`), decided by the replica from the manifest it opens.
+    threads: int | None = None
     # "continuous": requests join and leave the running batch at every step (the service);
     # "request-batch": Ray Serve's @serve.batch groups requests that arrive together and runs each group to the
     # end before the next starts; "single": one request at a time. The last two are the load benchmark's baselines.
     mode: str = "continuous"
     limits: RequestLimits = field(default_factory=RequestLimits)
     service: ServiceLimits = field(default_factory=ServiceLimits)
+
+    def check(self) -> None:
+        """Refuses a backend or mode the service does not have, naming the field (a precision the export lacks is
+        refused by the replica that opens it, naming what to build)."""
+        for name, allowed in (("backend", BACKENDS), ("mode", MODES)):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}", name)
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether a replica computes on CUDA, and so asks Ray for a GPU."""
+        return self.backend == "tensorrt" or self.device.startswith("cuda")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,3 +105,140 @@ def retry_after_s(backlog: int, drain_per_s: float | None, low: int = 1, high: i
     if not drain_per_s:
         return low
     return int(min(high, max(low, math.ceil(backlog / drain_per_s))))
+
+
+# The autoscaling policy Ray Serve's controller imports: replicas from the engines' images waiting or running.
+AUTOSCALING_POLICY = "ditexport.serving.autoscaling:engine_load_policy"
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """How many engines serve one application: a fixed count, or Ray Serve's autoscaler between a minimum and a
+    maximum, aiming at a number of images waiting or running in each replica's engine (`autoscaling.py`)."""
+    num_replicas: int = limit(1, "engine replicas, a fixed count (one per GPU with a CUDA backend)")
+    min_replicas: int | None = limit(None, "autoscale between --min-replicas and --max-replicas (Ray Serve's "
+                                           "autoscaler) instead of a fixed count")
+    max_replicas: int | None = limit(None, "autoscale: the most replicas")
+    # A replica whose running batch is full and whose queue is empty is exactly at this target.
+    target_ongoing_requests: float | None = limit(None, "autoscale: images waiting or running per replica that the "
+                                                        "autoscaler aims at (default: --max-running-images)")
+    upscale_delay_s: float | None = limit(None, "autoscale: seconds the load must stay above the target before "
+                                                "replicas are added (default: Ray Serve's)")
+    downscale_delay_s: float | None = limit(None, "autoscale: seconds the load must stay below the target before "
+                                                  "replicas are removed (default: Ray Serve's)")
+    look_back_period_s: float | None = limit(None, "autoscale: seconds the load is averaged over (default: Ray "
+                                                   "Serve's)")
+    # Ray Serve's own default is 1 CPU per replica. Reserving the replica's threads instead would let a GPU node with
+    # many cores and GPUs hold only a few replicas (a DiT-XL/2 replica's default threads are the cores less one).
+    cpus_per_replica: float = limit(1.0, "CPUs Ray reserves for each replica: the cluster must have that many per "
+                                         "replica; give its --torch-threads on CPU-only clusters")
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+    @property
+    def initial(self) -> int:
+        """Replicas at deployment: the fixed count, or the autoscaler's minimum."""
+        return (self.min_replicas or 1) if self.autoscaled else self.num_replicas
+
+    @property
+    def most(self) -> int:
+        return max(self.max_replicas or 1, self.initial) if self.autoscaled else self.num_replicas
+
+    def check(self) -> None:
+        """Refuses a fixed count beside autoscaling bounds, and a maximum below the minimum."""
+        if self.autoscaled and self.num_replicas != Replicas.num_replicas:
+            raise UsageError("give a fixed --num-replicas, or --min-replicas/--max-replicas to autoscale, not both",
+                             "num_replicas")
+        if self.autoscaled and (self.max_replicas or 1) < self.initial:
+            raise UsageError(f"--max-replicas ({self.max_replicas}) is below --min-replicas ({self.min_replicas})",
+                             "max_replicas")
+
+    def autoscaling_config(self, service: ServiceLimits) -> dict | None:
+        """Ray Serve's `autoscaling_config` (None for a fixed count): our policy, the bounds, target and delays."""
+        if not self.autoscaled:
+            return None
+        config = {"min_replicas": self.initial, "max_replicas": self.most,
+                  "target_ongoing_requests": self.target_ongoing_requests or float(service.max_running_images),
+                  "policy": {"policy_function": AUTOSCALING_POLICY}}
+        for name in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
+            if getattr(self, name) is not None:
+                config[name] = getattr(self, name)
+        return config
+
+
+
+@dataclass(frozen=True)
+class ClusterLimits:
+    """How long `serve --address` may take to join a cluster and to have its application answer there; past either
+    it removes what it deployed and exits 2, instead of waiting on a deployment that stays pending."""
+    connect_timeout_s: float = limit(15.0, "seconds to reach and join the Ray cluster at --address")
+    deploy_timeout_s: float = limit(180.0, "seconds from joining the cluster until the application answers (the "
+                                           "checks, its replicas scheduled, their backends opened); then it is "
+                                           "removed and serve exits 2")
+
+
+def default_app_name(export_dir: str | Path) -> str:
+    """The application's name when --name is not given: the export directory's name, as Ray and a URL take it."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(export_dir).resolve().name).strip("-.")
+    return name or "ditexport"
+
+
+def default_route_prefix(name: str, shared: bool) -> str:
+    """`/` on the private local Ray (the only application there), `/<name>` on a shared cluster."""
+    return f"/{name}" if shared else "/"
+
+
+def builder_arguments() -> dict[str, tuple[type, str]]:
+    """The arguments of the application builder: name -> (the dataclass holding it, its field). The names are
+    `serve`'s flags, underscored (`--torch-threads 2` is `torch_threads=2`)."""
+    args = {f.name: (ServeSettings, f.name) for f in fields(ServeSettings) if f.name not in ("limits", "service")}
+    args["torch_threads"] = args.pop("threads")
+    for cls in (RequestLimits, ServiceLimits, Replicas):
+        args.update({f.name: (cls, f.name) for f in fields(cls)})
+    return args
+
+
+def settings_from_arguments(arguments: dict) -> tuple[ServeSettings, Replicas]:
+    """The builder's `key=value` arguments (strings from `serve run`, typed values from a config file's `args:` or
+    from `serve`'s flags) -> what the application is built from; an unknown key or a bad value is a UsageError."""
+    known = builder_arguments()
+    unknown = sorted(set(arguments) - set(known))
+    if unknown:
+        raise UsageError(f"unknown argument {unknown[0]!r} of ditexport.serving:app; it takes: "
+                         f"{', '.join(sorted(known))}", unknown[0])
+    if not arguments.get("export_dir"):
+        raise UsageError("ditexport.serving:app needs export_dir=<the validated export to serve>", "export_dir")
+    values: dict[type, dict] = {ServeSettings: {}, RequestLimits: {}, ServiceLimits: {}, Replicas: {}}
+    for key, value in arguments.items():
+        cls, name = known[key]
+        values[cls][name] = _coerce(next(f for f in fields(cls) if f.name == name), key, value)
+    settings = ServeSettings(**values[ServeSettings], limits=RequestLimits(**values[RequestLimits]),
+                             service=ServiceLimits(**values[ServiceLimits]))
+    replicas = Replicas(**values[Replicas])
+    settings.check()
+    replicas.check()
+    return settings, replicas
+
+
+def _coerce(f, key: str, value):
+    """A builder argument as its field's type: strings as they are, numbers above 0 ("none" where None is allowed)."""
+    kind = str(f.type)
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        if "None" in kind:
+            return None
+        raise UsageError(f"{key} needs a value", key)
+    if not kind.startswith(("int", "float")):
+        return str(value)
+    try:
+        number = float(value) if isinstance(value, str) or kind.startswith("float") else value
+    except ValueError:
+        raise UsageError(f"{key} must be a number, got {value!r}", key) from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number < math.inf:
+        raise UsageError(f"{key} must be a number above 0, got {value!r}", key)
+    if kind.startswith("int"):
+        if number != int(number):
+            raise UsageError(f"{key} must be a whole number, got {value!r}", key)
+        return int(number)
+    return float(number)
