@@ -7,11 +7,9 @@ import threading
 from dataclasses import fields
 
 from ..errors import UsageError
-from .settings import ClusterLimits, Replicas, builder_arguments
 from ..limits import RequestLimits, add_limit_arguments
-from .settings import ServeSettings, ServiceLimits
-
 from ..precisions import PRECISIONS
+from .settings import BACKENDS, ClusterLimits, Replicas, ServeSettings, ServiceLimits, builder_arguments
 
 
 def add_serve_parser(sub, positive_int, add_threads_argument) -> None:
@@ -21,7 +19,7 @@ def add_serve_parser(sub, positive_int, add_threads_argument) -> None:
                                    "Ray on loopback, or as one named application on an existing Ray cluster "
                                    "(--address).")
     p.add_argument("--export-dir", default=None, help="the validated export to serve (required, but with --stop)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default=ServeSettings.backend)
+    p.add_argument("--backend", choices=BACKENDS, default=ServeSettings.backend)
     p.add_argument("--precision", choices=PRECISIONS, default=ServeSettings.precision,
                    help="the export's graph (onnxruntime: int8 runs its CPU form on the CPU) or plan of this "
                         f"precision; torch: fp32 or fp16 (default: {ServeSettings.precision})")
