@@ -51,6 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 HOST = "127.0.0.1"
 GCS_PORT, CLIENT_PORT, HTTP_PORT, DASHBOARD_PORT = 6379, 10001, 8000, 8265
+# The two deploys run at once beside two raylets: on a busy 2-core CI machine a join took over 15 s.
+JOIN_TIMEOUT_S = 90
 NAMESPACE = ["unshare", "--net", "--pid", "--fork", "--mount-proc"]
 BODY = {"class_labels": [3, 1], "steps": 6, "sampler": "dpmpp-2m", "seed": 7}
 BYSTANDER = '''from ray import serve
@@ -476,9 +478,10 @@ def inside(args) -> int:
         detached: dict = {}
         thread = threading.Thread(target=lambda: detached.update(sc.ditexport(
             "--address", f"{HOST}:{GCS_PORT}", "--export-dir", export_dir, "--num-replicas", "2", "--detach",
-            timeout=300)))
+            "--connect-timeout-s", str(JOIN_TIMEOUT_S), timeout=300)))
         thread.start()
         foreground = ForegroundServe(sc, "--address", f"ray://{HOST}:{CLIENT_PORT}", "--export-dir", str(export_b),
+                                     "--connect-timeout-s", str(JOIN_TIMEOUT_S),
                                      "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "4",
                                      "--upscale-delay-s", "1", "--downscale-delay-s", "6", "--look-back-period-s",
                                      "2")

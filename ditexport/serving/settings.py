@@ -173,7 +173,9 @@ class Replicas:
 class ClusterLimits:
     """How long `serve --address` may take to join a cluster and to have its application answer there; past either
     it removes what it deployed and exits 2, instead of waiting on a deployment that stays pending."""
-    connect_timeout_s: float = limit(15.0, "seconds to reach and join the Ray cluster at --address")
+    # Ray Client joins took 3 s on an idle 2-core machine and over 15 s while a second deploy and two raylets shared
+    # its cores: 30 s still bounds a cluster that will never answer.
+    connect_timeout_s: float = limit(30.0, "seconds to reach and join the Ray cluster at --address")
     deploy_timeout_s: float = limit(180.0, "seconds from joining the cluster until the application answers (the "
                                            "checks, its replicas scheduled, their backends opened); then it is "
                                            "removed and serve exits 2")
