@@ -58,10 +58,13 @@ def test_pipeline_gives_the_pixels_sample_writes(digits_export, tmp_path, one_to
 
 
 def test_pipeline_reports_progress_and_refuses_bad_calls(digits_export):
-    pipe = ditexport.open_export(digits_export).pipeline("onnxruntime")
-    seen = []
-    pipe(class_labels=[1, 2], num_steps=3, sampler="dpmpp-2m", progress=lambda done, total: seen.append((done, total)))
+    with ditexport.open_export(digits_export).pipeline("onnxruntime") as pipe:
+        seen = []
+        pipe(class_labels=[1, 2], num_steps=3, sampler="dpmpp-2m",
+             progress=lambda done, total: seen.append((done, total)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert not hasattr(pipe.backend, "session")  # closed with the block: the backend's sessions are released
+    pipe = ditexport.open_export(digits_export).pipeline("onnxruntime")
     with pytest.raises(ditexport.UsageError, match="output_type"):
         pipe(class_labels=[1], output_type="jpeg")
     with pytest.raises(ditexport.UsageError, match="class labels must be in 0..9"):
