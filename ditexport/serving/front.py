@@ -40,7 +40,8 @@ def free_loopback_port() -> int:
 
 
 class ClientGone(Exception):
-    """The client closed its connection while its request was being answered (its request is cancelled)."""
+    """The client closed its connection while its request was being answered (its request is cancelled), or did
+    not take its answer within the send timeout (the connection is aborted, its buffered answer dropped)."""
 
 
 class Refusal(Exception):
@@ -74,6 +75,7 @@ class HttpFront:
                  body_limit: int):
         self.host, self.port, self.upstream, self.limits = host, port, upstream, limits
         self.capacity, self.body_limit = capacity, body_limit
+        self.read_ahead = limits.max_header_bytes + body_limit  # pipelined bytes kept while a request is answered
         self.connections = 0  # open client connections
         self.inflight = 0  # image requests forwarded and not yet answered
         self._finished_at: deque[float] = deque(maxlen=1024)
@@ -120,6 +122,11 @@ class HttpFront:
             for _, writer, _ in self._idle:
                 writer.close()
             self._idle.clear()
+            # The connections still open (and their forwards) end now, each closing its socket.
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -169,7 +176,7 @@ class HttpFront:
                 writer.write(conn.send(h11.Response(status_code=status, headers=headers, reason=reason(status))))
                 writer.write(conn.send(h11.Data(data=body)))
                 writer.write(conn.send(h11.EndOfMessage()))
-                await writer.drain()
+                await self._drain(writer)
                 if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
                 else:
@@ -298,9 +305,14 @@ class HttpFront:
 
     async def _forward_watching(self, reader, conn, request, body, timeout):
         """Forwards while watching the client: a client that hangs up cancels the upstream request (Ray then
-        cancels the replica's handler, which frees the request's slots)."""
+        cancels the replica's handler, which frees the request's slots). What a pipelining client sends meanwhile
+        is kept for the next cycle up to one largest request (`read_ahead`); beyond it the front stops reading, so
+        a client that floods one connection with pipelined requests is held back by TCP, not buffered here."""
         upstream = asyncio.ensure_future(asyncio.wait_for(self._forward(request, body), timeout))
-        watch = asyncio.ensure_future(reader.read(65536))
+        room = self.read_ahead - len(conn.trailing_data[0])
+        if room <= 0:
+            return await upstream
+        watch = asyncio.ensure_future(reader.read(min(65536, room)))
         try:
             done, _ = await asyncio.wait({upstream, watch}, return_when=asyncio.FIRST_COMPLETED)
             if watch in done:
@@ -353,13 +365,21 @@ class HttpFront:
         reader, writer = await asyncio.open_connection(*self.upstream, limit=2**22)
         return reader, writer, h11.Connection(h11.CLIENT, max_incomplete_event_size=2**20)
 
-    @staticmethod
-    async def _send_raw(writer, status: int, headers: list, body: bytes, reader=None) -> None:
+    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        """Waits until the answer is with the kernel; a client that does not read it within the send timeout (a
+        slow-read attack holding answers in memory) has its connection aborted, unsent bytes dropped."""
+        try:
+            await asyncio.wait_for(writer.drain(), self.limits.send_timeout_s)
+        except asyncio.TimeoutError:
+            writer.transport.abort()
+            raise ClientGone() from None
+
+    async def _send_raw(self, writer, status: int, headers: list, body: bytes, reader=None) -> None:
         head = f"HTTP/1.1 {status} ".encode() + reason(status) + b"\r\n"
         head += b"".join(k + b": " + v + b"\r\n" for k, v in headers)
         try:
             writer.write(head + b"\r\n" + body)
-            await writer.drain()
+            await self._drain(writer)
             if reader is not None and writer.can_write_eof():
                 # A lingering close: a client still sending (a refused 200 MB body) reads the answer before the
                 # close resets the connection; at most LINGER_S and LINGER_BYTES of its data are discarded.
@@ -370,7 +390,7 @@ class HttpFront:
                     if not data:
                         break
                     discarded += len(data)
-        except (ConnectionError, asyncio.TimeoutError):
+        except (ClientGone, ConnectionError, asyncio.TimeoutError):
             pass
         finally:
             writer.close()

@@ -28,6 +28,8 @@ class ServiceLimits:
     header_timeout_s: float = limit(10.0, "seconds a client may take to send a request's line and headers; "
                                           "then 408 and the connection is closed")
     body_timeout_s: float = limit(10.0, "seconds a client may take to send a request body; then 408 and close")
+    send_timeout_s: float = limit(30.0, "seconds a client may take to read an answer once the server sends it; then "
+                                        "the connection is aborted")
     keep_alive_timeout_s: float = limit(5.0, "seconds an idle keep-alive connection stays open")
     max_connections: int = limit(2048, "open client connections; beyond them 503 and close")
     # Ray restarts a killed replica in about 8 s on the development machine (docs/serve.md).
