@@ -159,3 +159,30 @@ def test_stop_closes_the_connections_still_open(front):
         readable, _, _ = select.select([idle], [], [], 5)
         assert readable, "the connection is still open 5 s after stop"
         assert idle.recv(65536) == b""
+
+
+def test_the_front_raises_a_low_open_file_limit_to_hold_its_connections():
+    """A process started at `ulimit -n 256` (many systems start at 1024) could accept about 120 clients, far below
+    --max-connections: the front raises its soft limit to 2 x max_connections + FILE_HEADROOM where the hard
+    limit allows."""
+    resource = pytest.importorskip("resource", reason="open-file limits are POSIX")
+    from ditexport.serving.front import FILE_HEADROOM
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * ServiceLimits.max_connections + FILE_HEADROOM
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"this machine's hard open-file limit ({hard}) is below what the front asks ({need})")
+    code = ("import resource\n"
+            "from ditexport.serving.front import HttpFront, free_loopback_port\n"
+            "from ditexport.serving.settings import ServiceLimits\n"
+            "front = HttpFront('127.0.0.1', free_loopback_port(), ('127.0.0.1', 9), ServiceLimits(), 96, 4096)\n"
+            "front.start()\n"
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+            "front.stop()\n")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) >= need
