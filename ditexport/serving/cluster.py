@@ -18,6 +18,9 @@ from .settings import Replicas, ServeSettings
 
 log = get_logger("serving")
 
+# Ray Client's answer when the proxier's per-client server died while starting, a known intermittent Ray bug
+# (ray-project/ray#63202, a gRPC poller race at fork): another attempt gets a new server.
+CLIENT_SERVER_DIED = "Initialization failure from server"
 DEPLOYMENT = "ImageService"  # the ingress deployment of every ditexport application: how ours are told apart
 POLL_S = 0.25
 
@@ -67,15 +70,24 @@ def join(address: str, timeout_s: float) -> None:
             raise ClusterError(f"cannot reach the Ray cluster at {address}: {one_line(e)}") from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     outcome: list = []
+    deadline = time.monotonic() + timeout_s
 
     def connect():
-        try:
-            # On this thread ray.init leaves the process's SIGTERM handler alone (the command's), and says so.
-            with quiet("ray._private.worker", "SIGTERM handler is not set"):
-                ray.init(address=address, log_to_driver=False, configure_logging=False)
-            outcome.append(None)
-        except BaseException as e:  # noqa: BLE001 - reported below, as one line
-            outcome.append(e)
+        while True:
+            try:
+                # On this thread ray.init leaves the process's SIGTERM handler alone (the command's), and says so.
+                with quiet("ray._private.worker", "SIGTERM handler is not set"):
+                    ray.init(address=address, log_to_driver=False, configure_logging=False)
+                outcome.append(None)
+                return
+            except BaseException as e:  # noqa: BLE001 - reported below, as one line
+                if CLIENT_SERVER_DIED in str(e) and time.monotonic() + 1 + POLL_S < deadline:
+                    log.warning(f"Ray Client's server for this process died while starting; joining again "
+                                f"({one_line(e)[:200]})")
+                    time.sleep(1)
+                    continue
+                outcome.append(e)
+                return
 
     thread = threading.Thread(target=connect, name="ditexport-ray-join", daemon=True)
     thread.start()
