@@ -112,7 +112,7 @@ def test_every_limit_flag_of_serve_and_demo_defaults_to_its_dataclass_field():
                 assert getattr(args, f.name) == f.default, (args.command, f.name)
                 checked += 1
             assert limits_of(args, cls) == cls()
-    assert checked == 3 + 10 + 5
+    assert checked == 3 + 11 + 5
     for name in ("backend", "precision", "device"):
         assert getattr(serve, name) == getattr(ServeSettings, name)
     help_text = parser._subparsers._group_actions[0].choices["serve"].format_help()

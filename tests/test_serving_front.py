@@ -10,8 +10,9 @@ import pytest
 
 h11 = pytest.importorskip("h11", reason="the HTTP front needs h11: pip install 'ditexport[serve]'")
 
-from ditexport.serving.front import HttpFront, free_loopback_port  # noqa: E402
+from ditexport.serving.front import HttpFront  # noqa: E402
 from ditexport.serving.settings import ServiceLimits  # noqa: E402
+from ditexport.serving.sockets import free_loopback_port  # noqa: E402
 
 PING = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 BIG_BODY = 32 * 2**20  # far beyond the kernel's socket buffers (4 MiB send, here)
@@ -166,14 +167,15 @@ def test_the_front_raises_a_low_open_file_limit_to_hold_its_connections():
     --max-connections: the front raises its soft limit to 2 x max_connections + FILE_HEADROOM where the hard
     limit allows."""
     resource = pytest.importorskip("resource", reason="open-file limits are POSIX")
-    from ditexport.serving.front import FILE_HEADROOM
+    from ditexport.serving.sockets import FILE_HEADROOM
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = 2 * ServiceLimits.max_connections + FILE_HEADROOM
     if hard != resource.RLIM_INFINITY and hard < need:
         pytest.skip(f"this machine's hard open-file limit ({hard}) is below what the front asks ({need})")
     code = ("import resource\n"
-            "from ditexport.serving.front import HttpFront, free_loopback_port\n"
+            "from ditexport.serving.front import HttpFront\n"
+            "from ditexport.serving.sockets import free_loopback_port\n"
             "from ditexport.serving.settings import ServiceLimits\n"
             "front = HttpFront('127.0.0.1', free_loopback_port(), ('127.0.0.1', 9), ServiceLimits(), 96, 4096)\n"
             "front.start()\n"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ from http import HTTPStatus
 import h11
 
 from .settings import ServiceLimits, retry_after_s
+from .sockets import raise_file_limit
 
 log = logging.getLogger("ditexport.serving")
 
@@ -29,41 +29,8 @@ IMAGES = b"/v1/images"
 HEALTH_TIMEOUT_S = 5.0  # /healthz and /v1/models answer in milliseconds; longer means the replica is gone
 DRAIN_WINDOW_S = 30.0
 LINGER_S, LINGER_BYTES = 2.0, 2**26
-FILE_HEADROOM = 1024  # open files of the process beside the front's connections (Ray's driver, logs, libraries)
 # What the front passes on: the rest (hop-by-hop headers, Expect, the client's own Content-Length) it sets itself.
 FORWARDED = {b"content-type", b"accept", b"user-agent", b"x-request-id"}
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def raise_file_limit(max_connections: int) -> int:
-    """Raises this process's soft limit on open files so that `max_connections` clients fit, each with its
-    forward to Ray's proxy, beside what the process itself holds (Ray's driver shares it): 2 x max_connections +
-    FILE_HEADROOM. Many systems start processes at 1024, where the front would stop accepting near 1000 clients
-    instead of answering 503 at its bound. Returns the limit in force; below the need (the hard limit), warns with
-    the number of connections it holds."""
-    try:
-        import resource
-    except ImportError:  # not a POSIX system
-        return -1
-    need = 2 * max_connections + FILE_HEADROOM
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < need:
-        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as e:
-            log.warning(f"could not raise the open-file limit from {soft} to {target}: {e}")
-    if soft != resource.RLIM_INFINITY and soft < need:
-        log.warning(f"the open-file limit ({soft}, `ulimit -n`) holds about {max(0, (soft - FILE_HEADROOM) // 2)} "
-                    f"client connections, fewer than --max-connections {max_connections}; beyond it clients wait "
-                    "to connect instead of getting 503")
-    return soft
 
 
 class ClientGone(Exception):

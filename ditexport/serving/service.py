@@ -201,7 +201,8 @@ def deploy(settings: ServeSettings, replicas: Replicas | None = None, port: int 
     bounded admission, JSON errors) on host:port ahead of Serve's proxy, which listens on a free loopback port;
     returns the seconds until it answers."""
     global _front
-    from .front import HttpFront, free_loopback_port
+    from .front import HttpFront
+    from .sockets import free_loopback_port
 
     start = time.perf_counter()
     replicas = replicas or Replicas()
