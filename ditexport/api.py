@@ -17,10 +17,7 @@ from pathlib import Path
 
 from .artifacts import REPORT_NAME, ArtifactError, ExportEntry, default_export_dir, rebuild_command
 from .errors import DitexportError
-from .logs import get_logger
 from .settings import BuildSettings
-
-LOG = get_logger("api")
 
 
 class ValidationFailedError(DitexportError):

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import DitexportError, UsageError
+from .errors import UsageError
 from .backends.base import Backend, synchronize
 from .backends.decoders import VAE_SCALE, VaeDecoder  # noqa: F401  (the decoders a pipeline takes)
 from .sampler import Sampler, SamplerConfig

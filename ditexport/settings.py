@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from .errors import UsageError
 
@@ -84,11 +84,3 @@ class DigitsTrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     model: str = "DiT-digits"
-
-
-def default(cls, name: str):
-    """The declared default of field `name` of dataclass `cls` (for argparse and the UIs)."""
-    for f in fields(cls):
-        if f.name == name:
-            return f.default
-    raise KeyError(f"{cls.__name__} has no field {name!r}")

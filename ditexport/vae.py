@@ -103,8 +103,6 @@ def export_vae_graphs(vae, out_dir: str | Path, *, latent_size: int, precisions=
     return paths
 
 
-# ---------------------------------------------------------------------------------------- graphs
-
 # ---------------------------------------------------------------------------------------- export-vae
 
 def export_vae(vae_dir: str | Path, out_dir: str | Path, *, latent_size: int | None = None,

@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=bench.device,
                    help=f"cpu, cuda or auto (default: {bench.device}; auto is the GPU when there is one)")
     p.add_argument("--batch-sizes", type=parse_batch_sizes, default=bench.batch_sizes,
-                   help=f"guided forward batch sizes, 2 rows per image (default: {','.join(map(str, bench.batch_sizes))})")
+                   help="guided forward batch sizes, 2 rows per image (default: "
+                        f"{','.join(map(str, bench.batch_sizes))})")
     p.add_argument("--no-unguided", action="store_true", default=not bench.unguided,
                    help="skip the unguided batch-1 row")
     p.add_argument("--quick", action="store_true", default=bench.quick,
@@ -261,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image side the decoder produces; latent side = size / the VAE's factor (default: 256)")
     p.add_argument("--latent-size", type=positive_int, default=None, help="latent side (overrides --image-size)")
     p.add_argument("--precision", default="fp32,fp16", help="comma-separated: fp32, fp16 (default: both)")
-    p.add_argument("--opset", type=int, default=BuildSettings.opset, help=f"ONNX opset (default: {BuildSettings.opset})")
+    p.add_argument("--opset", type=int, default=BuildSettings.opset,
+                   help=f"ONNX opset (default: {BuildSettings.opset})")
     add_threads_argument(p)
     p.set_defaults(func=cmd_export_vae)
 

@@ -13,8 +13,7 @@ from .service import create_service, DemoService, GenerateRequest, GenerateRespo
 from .ui import build_app, launch
 
 __all__ = ["BUILTIN_KEY", "DemoBusyError", "DemoInputError", "DemoLimits", "NO_BLEND", "SEED_MAX", "builtin_entry",
-           "export_entries",
-           "ModelEntry", "parse_backend_choice", "create_service", "DemoService", "GenerateRequest", "GenerateResponse",
-           "random_seed", "build_app", "launch", "RemoteService"]
+           "export_entries", "ModelEntry", "parse_backend_choice", "create_service", "DemoService", "GenerateRequest",
+           "GenerateResponse", "random_seed", "build_app", "launch", "RemoteService"]
 
 

@@ -195,8 +195,9 @@ class DemoService:
                 on_wait(f"waiting for the {runtime} backend (busy with another request)")
             slot.acquire()
         try:
-            result = Pipeline(runner, self.decoder_for(r.model, r.backend)).run([int(r.class_index)] * int(r.num_images), seed=int(r.seed),
-                                                    sampler_cfg=sampler_cfg, progress=progress)
+            pipeline = Pipeline(runner, self.decoder_for(r.model, r.backend))
+            result = pipeline.run([int(r.class_index)] * int(r.num_images), seed=int(r.seed), sampler_cfg=sampler_cfg,
+                                  progress=progress)
         finally:
             slot.release()
         captions = [self._caption(entry, r, i) for i in range(len(result.labels))]

@@ -180,4 +180,3 @@ def fake_quantized(model: DiT, amax: dict[str, float], precision: str,
             inverse = (1.0 / smooth).to(torch.float32)
             module.register_forward_pre_hook(lambda m, inputs, s=scale, i=inverse: (rounded(inputs[0] * i, s),))
     return model
-

@@ -1,9 +1,9 @@
 """The VAE decoder of latent DiTs as ONNX (fp32 and fp16, dynamic batch), exported through the DiT's path.
 
 The graph takes the latents exactly as the DiT sampler returns them and gives images in about [-1, 1]: the
-1/0.18215 latent scale is inside it, as in `backends.decoders.VaeDecoder`. The fp16 graph runs convolutions, attention and
-upsampling in fp16 and keeps every GroupNorm in fp32 (statistics over a whole feature map overflow fp16), with fp32
-inputs and outputs, the same policy as the DiT's fp16 graph.
+1/0.18215 latent scale is inside it, as in `backends.decoders.VaeDecoder`. The fp16 graph runs convolutions,
+attention and upsampling in fp16 and keeps every GroupNorm in fp32 (statistics over a whole feature map overflow
+fp16), with fp32 inputs and outputs, the same policy as the DiT's fp16 graph.
 """
 from __future__ import annotations
 

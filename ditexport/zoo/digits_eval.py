@@ -151,7 +151,7 @@ def evaluate_digits(backend, num_per_class: int = 100, num_steps: int = 250, gui
     scales = [guidance_scale] if guidance_scale == 1.0 else [guidance_scale, 1.0]
     for scale in scales:
         result = pipeline.run(labels, seed=seed, progress=progress,
-                          sampler_cfg=SamplerConfig(num_steps=num_steps, method=sampler, guidance_scale=scale))
+                              sampler_cfg=SamplerConfig(num_steps=num_steps, method=sampler, guidance_scale=scale))
         report.scores.append(score_samples(reference, result.images, labels, scale, result.sampler_s))
     return report
 
@@ -174,7 +174,7 @@ def quick_class_agreement(model, per_class: int = QUICK_PER_CLASS, num_steps: in
 
     labels = [c for c in range(10) for _ in range(per_class)]
     result = Pipeline(TorchBackend(model)).run(labels, seed=seed, progress=False,
-                                           sampler_cfg=SamplerConfig(num_steps=num_steps,
-                                                                     guidance_scale=guidance_scale))
+                                               sampler_cfg=SamplerConfig(num_steps=num_steps,
+                                                                         guidance_scale=guidance_scale))
     agreement, _ = (reference or DigitsReference()).class_agreement(result.images, labels)
     return agreement
