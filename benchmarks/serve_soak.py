@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ditexport.serving.settings import ServiceLimits  # noqa: E402
+from ditexport.serving.sockets import free_loopback_port  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -201,14 +202,8 @@ class MemoryWatch:
 
 # -- serve as a user starts it ---------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def start_serve(export_dir: str, threads: int, extra: list[str], timeout: float = 240.0):
-    port = free_port()
+    port = free_loopback_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OMP_NUM_THREADS")}
     proc = subprocess.Popen([sys.executable, "-m", "ditexport", "serve", "--export-dir", export_dir, "--port",
                              str(port), "--torch-threads", str(threads), *extra],

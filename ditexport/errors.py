@@ -23,6 +23,12 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def shown(value, limit: int = 60) -> str:
+    """A value a client sent, for an error message: its repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def summary(error: BaseException) -> str:
     """A foreign exception (TensorRT's, Polygraphy's) as its type and the first line of its message."""
     text = str(error).strip()

@@ -4,6 +4,8 @@ import os
 import pytest
 import torch
 
+from ditexport.serving.sockets import free_loopback_port as free_port  # noqa: F401  (the servers tests start)
+
 # The fault-injection tests' fixtures (`cli`, `system_tmp`) and helpers live in tests/fault_tools.py.
 pytest_plugins = ["fault_tools"]
 
@@ -128,13 +130,6 @@ def tiny_vae(seed: int, latent_channels: int = 4, sample_size: int = 8):
                          layers_per_block=1, norm_num_groups=4, sample_size=sample_size)
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now, for a server a test starts."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_pixels(png_b64: str):

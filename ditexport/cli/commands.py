@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DitexportError
-from .options import (describe_model, export_dir_of, load_cli_model, model_source, rebuild_hint, resolve_device,
+from .options import (describe_model, export_dir_of, flagged_export, load_cli_model, model_source, resolve_device,
                       set_threads)
 
 
@@ -83,7 +83,8 @@ def cmd_bench(args) -> int:
     report = run_bench(model, source, settings, export=lambda: bench_export(args, model))
     from ..artifacts import default_export_dir
 
-    name = default_export_dir(args.model, args.checkpoint, image_size=args.image_size).name  # the model's, not --export-dir's
+    # The model's name, not --export-dir's.
+    name = default_export_dir(args.model, args.checkpoint, image_size=args.image_size).name
     stem = f"bench-{name}-{report['machine']['device']}"
     json_path, png_path, plot_note = write_outputs(report, args.out, stem)
     print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else f" (plot skipped: {plot_note})"))
@@ -166,13 +167,8 @@ def cmd_build(args) -> int:
 def cmd_validate(args) -> int:
     from ..api import ValidationFailedError, open_export
     from ..artifacts import read_manifest
-    from ..building import check_source
 
-    export_dir = export_dir_of(args)
-    hint = rebuild_hint(args, export_dir)
-    manifest = read_manifest(export_dir, hint)
-    check_source(manifest, export_dir, model=args.model, checkpoint=args.checkpoint, config=args.config,
-                 image_size=args.image_size)
+    export_dir, manifest = flagged_export(args, read_manifest)
     print(f"validate: {export_dir}; {set_threads(args, manifest['config']['hidden_size'])}")
     try:
         export = open_export(export_dir).validate(sample_steps=args.sample_steps, wait=not args.no_wait)

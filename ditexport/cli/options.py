@@ -108,6 +108,18 @@ def rebuild_hint(args, export_dir: Path) -> str | None:
     return rebuild_command(export_dir, flags) if flags else None
 
 
+def flagged_export(args, read) -> tuple[Path, dict]:
+    """The export of the command's flags (--export-dir, or the model flags' default one) and its manifest,
+    `read(export_dir, rebuild_hint)`; refused when it was built from another model than the model flags name."""
+    from ..building import check_source
+
+    export_dir = export_dir_of(args)
+    manifest = read(export_dir, rebuild_hint(args, export_dir))
+    check_source(manifest, export_dir, model=args.model, checkpoint=args.checkpoint, config=args.config,
+                 image_size=args.image_size)
+    return export_dir, manifest
+
+
 def check_output_file(path: str | Path, flag: str = "--out") -> Path:
     """Refuses, before any work, an output path that cannot become a file; creates missing directories only
     under the working directory (elsewhere a missing directory is more likely a typo)."""

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..errors import DitexportError
 from .options import (check_device_name, check_output_file, check_seed_flag, describe_model, export_dir_of,
-                      load_cli_model, rebuild_hint, resolve_device, sampler_config, set_threads)
+                      flagged_export, load_cli_model, rebuild_hint, resolve_device, sampler_config, set_threads)
 
 
 # ----------------------------------------------------------------------------------------------- info
@@ -56,13 +56,8 @@ def sample_pipeline(args):
                                    max_batch=args.max_batch, cuda_graph=args.cuda_graph,
                                    compile_mode=args.torch_compile), describe_model(model), threads
     from ..backends.open import export_manifest
-    from ..building import check_source
 
-    export_dir = export_dir_of(args)
-    hint = rebuild_hint(args, export_dir)
-    manifest = export_manifest(export_dir, hint)
-    check_source(manifest, export_dir, model=args.model, checkpoint=args.checkpoint, config=args.config,
-                 image_size=args.image_size)
+    export_dir, manifest = flagged_export(args, export_manifest)
     threads = set_threads(args, manifest["config"]["hidden_size"])
     pipeline = Pipeline.from_export(export_dir, args.backend, args.precision, decoder=args.vae or "auto",
                                     device=args.device, max_batch=args.max_batch)

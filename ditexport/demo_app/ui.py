@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from ..sampler import SAMPLING_METHODS
-from ..errors import DitexportError
+from ..errors import DitexportError, shown
 from .limits import DemoInputError, DemoLimits, NO_BLEND, log
 from .service import create_service, DemoService, GenerateRequest, random_seed
 
@@ -96,24 +96,20 @@ def build_app(service: DemoService):
 def _as_str(value, name: str) -> str:
     """Menus send strings; the API can send anything, which gets a message, not a traceback."""
     if not isinstance(value, str):
-        raise DemoInputError(f"{name} must be a string (a menu choice), got {_shown(value)}")
+        raise DemoInputError(f"{name} must be a string (a menu choice), got {shown(value)}")
     return value
 
-
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _as_float(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise DemoInputError(f"{name} must be a number, got {_shown(value)}")
+        raise DemoInputError(f"{name} must be a number, got {shown(value)}")
     try:
         number = float(value)
     except (OverflowError, ValueError):  # an integer beyond a float's range, or text that is not a number
-        raise DemoInputError(f"{name} must be a number a float can hold, got {_shown(value)}") from None
+        raise DemoInputError(f"{name} must be a number a float can hold, got {shown(value)}") from None
     if number != number or number in (float("inf"), float("-inf")):
-        raise DemoInputError(f"{name} must be a finite number, got {_shown(value)}")
+        raise DemoInputError(f"{name} must be a finite number, got {shown(value)}")
     return number
 
 
@@ -121,7 +117,7 @@ def _as_int(value, name: str) -> int:
     """Numbers arrive from the API as floats or strings; fractional values are an error, not rounded."""
     number = _as_float(value, name)
     if number != int(number):
-        raise DemoInputError(f"{name} must be a whole number, got {_shown(value)}")
+        raise DemoInputError(f"{name} must be a whole number, got {shown(value)}")
     return int(number)
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from ..artifacts import atomic_path, atomic_write_json
 from ..errors import summary
 from .plans import (METADATA_FORMAT, MIN_TENSORRT_VERSION, TENSORRT_INSTALL_HINT, EngineError, _device_scope,
-                    load_engine, rebuild_for,
                     _onnx_header, check_engine_compatibility, check_onnx_unchanged, current_environment,
-                    engine_metadata, find_plan, metadata_path, onnx_input_shapes, onnx_precision, plan_filename,
-                    plan_path_for, plan_precision, read_engine_metadata, sanitize_gpu_name,
-                    tensorrt_unavailable_reason, tensorrt_version_problem, timing_cache_filename, verify_plan_file)
+                    engine_metadata, find_plan, load_engine, metadata_path, onnx_input_shapes, onnx_precision,
+                    plan_filename, plan_path_for, plan_precision, plan_stems, read_engine_metadata, rebuild_for,
+                    sanitize_gpu_name, tensorrt_unavailable_reason, tensorrt_version_problem, timing_cache_filename,
+                    verify_plan_file)
 from .profile import (DEFAULT_MAX_BATCH_IMAGES, BatchProfile, batch_profiles, engine_profile, profile_for_batch,
                       profile_shapes)
 from ..logs import get_logger
@@ -32,8 +32,8 @@ __all__ = ["BatchProfile", "DEFAULT_MAX_BATCH_IMAGES", "EngineError", "METADATA_
            "TENSORRT_INSTALL_HINT", "batch_profiles", "build_engine", "check_engine_compatibility",
            "check_onnx_unchanged", "compare_with_onnxruntime", "current_environment", "engine_metadata",
            "engine_profile", "find_plan", "load_engine", "metadata_path", "onnx_input_shapes", "onnx_precision",
-           "plan_bytes_from_onnx", "plan_filename", "plan_path_for", "plan_precision", "profile_for_batch", "rebuild_for",
-           "profile_shapes", "read_engine_metadata", "sanitize_gpu_name", "tensorrt_unavailable_reason",
+           "plan_bytes_from_onnx", "plan_filename", "plan_path_for", "plan_precision", "plan_stems",
+           "profile_for_batch", "profile_shapes", "read_engine_metadata", "rebuild_for", "sanitize_gpu_name", "tensorrt_unavailable_reason",
            "tensorrt_version_problem", "timing_cache_filename", "verify_plan_file"]
 
 

@@ -14,12 +14,25 @@ LOG = get_logger("engine")
 
 
 METADATA_FORMAT = 1
+TENSORRT_INSTALL_HINT = "pip install tensorrt; its CUDA wheels come from NVIDIA's index, pypi.nvidia.com"
+
+
 def rebuild_for(plan_path: str | Path, metadata: dict | None = None) -> str:
     """The command that rebuilds a plan: the one its build recorded, else the export directory's (artifacts')."""
     from ..artifacts import rebuild_command
 
     return (metadata or {}).get("rebuild_command") or rebuild_command(Path(plan_path).parent)
-TENSORRT_INSTALL_HINT = "pip install tensorrt; its CUDA wheels come from NVIDIA's index, pypi.nvidia.com"
+
+
+def plan_stems() -> list[tuple[str, str]]:
+    """(graph, plan stem) of every plan an export may hold: each DiT graph's (from its fp16 or fp32 graph), its
+    8-bit plans (`<stem>.<precision>`), then a latent export's VAE decoder's."""
+    from ..artifacts import GRAPH_STEMS, VAE_GRAPH
+    from ..precisions import QUANT_PRECISIONS
+
+    stems = [(graph, f"{stem}{suffix}") for graph, stem in GRAPH_STEMS.items()
+             for suffix in ("", *(f".{p}" for p in QUANT_PRECISIONS))]
+    return [*stems, (VAE_GRAPH, VAE_GRAPH)]
 
 
 class EngineError(DitexportError):

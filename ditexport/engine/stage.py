@@ -42,7 +42,8 @@ def engine_stage(export_dir: Path, model: DiT, precisions, profile: BatchProfile
             plans[stem] = {"plan": plan_path.name, "onnx": onnx_path.name,
                            "tensorrt_version": meta.get("tensorrt_version"), "gpu_name": meta.get("gpu_name")}
     except Exception as e:  # a TensorRT problem must not cost the validated ONNX graphs
-        return discard_engines(export_dir, made, f"building the engines failed: {summary(e)}", None, log, rebuild_command)
+        return discard_engines(export_dir, made, f"building the engines failed: {summary(e)}", None, log,
+                               rebuild_command)
     return compare_engines(export_dir, model, {"status": "built", "plans": plans}, made, log, rebuild_command)
 
 
@@ -130,10 +131,7 @@ def recheck_engines(export_dir: Path, model: DiT, entry: dict, log, rebuild_comm
 
     if entry.get("status") != "built" or engine.tensorrt_unavailable_reason(for_build=False) is not None:
         return entry
-    from ..precisions import QUANT_PRECISIONS
-
-    stems = [f"{stem}{suffix}" for stem in GRAPH_STEMS.values() for suffix in ("", *(f".{p}" for p in QUANT_PRECISIONS))]
-    plans = [engine.plan_path_for(export_dir, stem) for stem in (*stems, VAE_GRAPH)]
+    plans = [engine.plan_path_for(export_dir, stem) for _, stem in engine.plan_stems()]
     if not any(plan.is_file() for plan in plans):
         return entry  # built on another GPU or TensorRT version
     return compare_engines(export_dir, model, entry, plans, log, rebuild_command)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..class_names import class_names
+from ..errors import shown
 from ..images import to_uint8
 from ..limits import RequestLimits
 from ..sampler import SAMPLING_METHODS, SamplerConfig, SamplerConfigError
@@ -66,7 +67,7 @@ def requested_model(data: dict) -> str | None:
     """The request's `model` (an application as GET /v1/models lists it), None where it names none."""
     model = data.get("model")
     if model is not None and not isinstance(model, str):
-        raise RequestError("model", f"model must be a string naming a served model, got {_shown(model)}")
+        raise RequestError("model", f"model must be a string naming a served model, got {shown(model)}")
     return model
 
 
@@ -94,14 +95,14 @@ def image_request(data: dict, num_classes: int, names: list[str],
     values = {**DEFAULTS, **{k: v for k, v in data.items() if k not in ("class_labels", "model")}}
     for name in ("steps", "seed"):
         if not isinstance(values[name], int) or isinstance(values[name], bool):
-            raise RequestError(name, f"{name} must be an integer, got {_shown(values[name])}")
+            raise RequestError(name, f"{name} must be an integer, got {shown(values[name])}")
     for name in ("guidance_scale", "eta"):
         value = values[name]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise RequestError(name, f"{name} must be a finite number, got {_shown(value)}")
+            raise RequestError(name, f"{name} must be a finite number, got {shown(value)}")
     if not isinstance(values["sampler"], str) or values["sampler"] not in SAMPLING_METHODS:
         raise RequestError("sampler", f"sampler must be one of {', '.join(SAMPLING_METHODS)}, "
-                                      f"got {_shown(values['sampler'])}")
+                                      f"got {shown(values['sampler'])}")
     try:
         cfg = SamplerConfig(num_steps=values["steps"], method=values["sampler"],
                             guidance_scale=float(values["guidance_scale"]), eta=float(values["eta"]))
@@ -111,20 +112,15 @@ def image_request(data: dict, num_classes: int, names: list[str],
                         sampler_cfg=cfg)
 
 
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def class_index(value, num_classes: int, names: list[str]) -> int:
     """A class given by index, or by name where the model has names."""
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value < num_classes:
-            raise RequestError("class_labels", f"class labels must be in 0..{num_classes - 1}, got {_shown(value)}")
+            raise RequestError("class_labels", f"class labels must be in 0..{num_classes - 1}, got {shown(value)}")
         return value
     if isinstance(value, str) and value in names:
         return names.index(value)
-    raise RequestError("class_labels", f"unknown class {_shown(value)}: give an index 0..{num_classes - 1} "
+    raise RequestError("class_labels", f"unknown class {shown(value)}: give an index 0..{num_classes - 1} "
                                        "or one of the model's class names")
 
 
@@ -166,13 +162,6 @@ def error(status: int, message: str, field: str | None = None, request_id: str |
     if request_id is not None:
         answer["request_id"] = request_id
     return status, answer, ({"Retry-After": str(retry_after)} if retry_after is not None else {})
-
-
-def request_id_of(header: str | None) -> str:
-    """The X-Request-ID a proxy gave (kept when it is a plain token), else a new one."""
-    if header and len(header) <= 64 and re.fullmatch(r"[A-Za-z0-9._-]+", header):
-        return header
-    return uuid.uuid4().hex
 
 
 class ImageAPI:
@@ -217,7 +206,7 @@ class ImageAPI:
             model = requested_model(data)
             if model is not None and model != self.model:
                 if routed or self.route is None:
-                    raise RequestError("model", f"unknown model {_shown(model)}: this server serves {self.model!r}")
+                    raise RequestError("model", f"unknown model {shown(model)}: this server serves {self.model!r}")
                 return await self.route(model, body, request_id)
             request = image_request(data, self.num_classes, self.names, self.limits)
             future = self.engine.submit(request)
@@ -248,7 +237,6 @@ class ImageAPI:
             log.exception(f"request {request_id}: internal error")
             return error(500, f"internal server error (request id {request_id}, in the service's log)", None,
                          request_id)
-
 
     async def _result(self, future):
         if self.on_submitted is not None:

@@ -22,13 +22,12 @@ from ..errors import DitexportError, UsageError
 from ..limits import RequestLimits
 from ..pipeline import CHUNK_IMAGES, IdentityDecoder, check_request
 from ..sampler import Sampler, SamplerConfig, denoise_step, guide
-from .settings import ServiceLimits, retry_after_s
+from .settings import ServiceLimits, drain_rate, retry_after_s
 
 # The library's names of a setting at fault (UsageError.field) -> the HTTP request's field names.
 API_FIELDS = {"labels": "class_labels", "num_images": "class_labels", "method": "sampler", "num_steps": "steps",
               "respacing": "steps"}
 API_NAMES = {"num_images": "number of class labels"}  # the words a message uses, where not the field's name
-DRAIN_WINDOW_S = 30.0  # the drain rate behind Retry-After is measured over the last this many seconds
 
 
 class QueueFullError(DitexportError):
@@ -163,12 +162,8 @@ class BatchingEngine:
         return len(self._waiting)
 
     def drain_per_s(self) -> float | None:
-        """Requests finished per second over the last DRAIN_WINDOW_S (None before two have finished)."""
-        now = time.perf_counter()
-        recent = [t for t in self._finished_at if now - t <= DRAIN_WINDOW_S]
-        if len(recent) < 2:
-            return None
-        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-3)
+        """Requests finished per second (settings.drain_rate)."""
+        return drain_rate(self._finished_at, time.perf_counter())
 
     def retry_after_s(self) -> int:
         """Seconds until the queue a refused client saw has drained at the measured rate (Retry-After)."""

@@ -14,20 +14,18 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections import deque
 from http import HTTPStatus
 
 import h11
 
-from .settings import ServiceLimits, retry_after_s
+from .settings import ServiceLimits, drain_rate, request_id_of, retry_after_s
 from .sockets import raise_file_limit
 
 log = logging.getLogger("ditexport.serving")
 
 IMAGES = b"/v1/images"
 HEALTH_TIMEOUT_S = 5.0  # /healthz and /v1/models answer in milliseconds; longer means the replica is gone
-DRAIN_WINDOW_S = 30.0
 LINGER_S, LINGER_BYTES = 2.0, 2**26
 # What the front passes on: the rest (hop-by-hop headers, Expect, the client's own Content-Length) it sets itself.
 FORWARDED = {b"content-type", b"accept", b"user-agent", b"x-request-id"}
@@ -132,9 +130,7 @@ class HttpFront:
     # -- admission ---------------------------------------------------------------------------------
 
     def drain_per_s(self) -> float | None:
-        now = time.monotonic()
-        recent = [t for t in self._finished_at if now - t <= DRAIN_WINDOW_S]
-        return None if len(recent) < 2 else (len(recent) - 1) / max(recent[-1] - recent[0], 1e-3)
+        return drain_rate(self._finished_at, time.monotonic())
 
     def retry_after(self) -> int:
         return retry_after_s(self.inflight, self.drain_per_s())
@@ -235,25 +231,25 @@ class HttpFront:
             if isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self.body_limit:
-                    raise Refusal(413, f"the body is larger than this server's limit of {self.body_limit} bytes",
-                                  "body")
+                    raise self._too_large()
             elif isinstance(event, h11.EndOfMessage):
                 return bytes(body)
             elif isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("the client closed while sending its body")
 
+    def _too_large(self) -> Refusal:
+        return Refusal(413, f"the body is larger than this server's limit of {self.body_limit} bytes", "body")
+
     async def _answer(self, conn, reader, writer, request: h11.Request, peer) -> tuple:
         headers = {k.lower(): v for k, v in request.headers}
         length = headers.get(b"content-length")
         if length is not None and int(length) > self.body_limit:  # h11 checked it is a number
-            raise Refusal(413, f"the body is larger than this server's limit of {self.body_limit} bytes", "body")
+            raise self._too_large()
         if conn.client_is_waiting_for_100_continue:  # curl asks before a body over 1 KiB
             writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         body = await self._read_body(conn, reader)
         path = request.target.split(b"?")[0]
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")
-        if not (0 < len(request_id) <= 64 and request_id.replace("-", "").replace("_", "").isalnum()):
-            request_id = uuid.uuid4().hex
+        request_id = request_id_of(headers.get(b"x-request-id", b"").decode("latin-1"))
         image = request.method == b"POST" and path == IMAGES
         if image and self.inflight >= self.capacity:
             return json_response(503, {"error": f"the service is full ({self.inflight} requests running or "

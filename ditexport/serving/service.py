@@ -119,7 +119,7 @@ def build_app(settings: ServeSettings, replicas: Replicas | None = None):
 
         @api.post("/v1/images", **images_openapi(settings.limits))
         async def images(self, request: Request):
-            from .api import request_id_of
+            from .settings import request_id_of
 
             start = time.perf_counter()
             try:

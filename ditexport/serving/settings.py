@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -101,6 +102,23 @@ def body_limit(service: ServiceLimits, limits: RequestLimits, names: list[str]) 
     return max(4096, 1024 * math.ceil(4 * len(largest_valid_body(limits, names)) / 1024))
 
 
+def request_id_of(header: str | None) -> str:
+    """The X-Request-ID a proxy gave (kept when it is a plain token), else a new one."""
+    if header and len(header) <= 64 and re.fullmatch(r"[A-Za-z0-9._-]+", header):
+        return header
+    return uuid.uuid4().hex
+
+
+DRAIN_WINDOW_S = 30.0  # the drain rate behind Retry-After is measured over the last this many seconds
+
+
+def drain_rate(finished_at, now: float) -> float | None:
+    """Requests finished per second over the DRAIN_WINDOW_S before `now` (the clock of `finished_at`, the times
+    requests finished); None before two have finished in it."""
+    recent = [t for t in finished_at if now - t <= DRAIN_WINDOW_S]
+    return None if len(recent) < 2 else (len(recent) - 1) / max(recent[-1] - recent[0], 1e-3)
+
+
 def retry_after_s(backlog: int, drain_per_s: float | None, low: int = 1, high: int = 60) -> int:
     """Whole seconds until `backlog` requests ahead have drained at the measured rate (`low` before any
     request finished), clamped to [low, high]."""
@@ -168,7 +186,6 @@ class Replicas:
             if getattr(self, name) is not None:
                 config[name] = getattr(self, name)
         return config
-
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import GRAPH_STEMS, VAE_GRAPH, onnx_filename, scratch_dir, vae_onnx_filename
+from ..artifacts import VAE_GRAPH, onnx_filename, scratch_dir, vae_onnx_filename
 from ..errors import DitexportError
 from ..export import GRAPHS, PRECISIONS, QUANT_PRECISIONS, TOLERANCE, emulate_fp16, emulated_copy
 from ..model import DiT
@@ -169,9 +169,7 @@ def tensorrt_parity(export_dir: str | Path, model: DiT, *, batches=DEFAULT_BATCH
         return {"status": "skipped", "reason": reason}
     export_dir = Path(export_dir)
     rows = []
-    stems = [(graph, s) for graph, stem in GRAPH_STEMS.items()
-             for s in (stem, *(f"{stem}.{p}" for p in QUANT_PRECISIONS))]  # fp16/fp32, then the 8-bit plans
-    for graph, stem in (*stems, (VAE_GRAPH, VAE_GRAPH)):
+    for graph, stem in engine.plan_stems():
         plan = engine.plan_path_for(export_dir, stem)
         if not plan.is_file():
             continue
