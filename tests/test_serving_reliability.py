@@ -41,7 +41,8 @@ def test_every_listener_is_on_loopback_but_the_one_ray_cannot_bind(soak):
     inter-deployment gRPC server, which Ray 2.60 binds to [::] in code (no setting); it runs with Ray's token
     authentication on (docs/serve.md lists them all)."""
     listeners = soak["listeners"]
-    roles = {row["process"].split(":")[2] if row["process"].startswith("ray::") else row["process"]
+    # An actor's process title is ray::<Class>, or ray::<Class>.<method> while it runs a method.
+    roles = {row["process"].split(":")[2].split(".")[0] if row["process"].startswith("ray::") else row["process"]
              for row in listeners}
     assert {"ProxyActor", "ServeController", "ditexport serve (HTTP front, Ray driver)"} <= roles
     front = [row for row in listeners if row["port"] == soak["port"]]
